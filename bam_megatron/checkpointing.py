@@ -1,0 +1,111 @@
+"""Model weights in megatron-core's torch_dist format, at any parallel layout.
+
+- ``save_model_weights(model, dir)``: every rank calls it; each shard is written once.
+- ``load_model_weights(model, dir)``: loads a checkpoint saved at any TP/PP/EP layout.
+- ``save_global_tensors(tensors, dir)``: writes full (unsharded) tensors from one process as a
+  checkpoint the models above can load at any layout (used to write upcycled models).
+
+Local (non-Transformer-Engine) linear layers carry an empty ``_extra_state`` entry; a checkpoint
+without those entries (e.g. one written by ``save_global_tensors``) still loads, but any missing
+*tensor* is an error naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+EXTRA_STATE = "_extra_state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not fit the model; the message says which tensor and why."""
+
+
+def _model_chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def model_sharded_state_dict(model) -> dict:
+    """Sharded state dict of one model or of a list of model chunks (one per virtual stage)."""
+    chunks = [_unwrap(m) for m in _model_chunks(model)]
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_model_weights(model, checkpoint_dir: str) -> None:
+    """Save the model's weights (all ranks call this) into ``checkpoint_dir``."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    dist_checkpointing.save(model_sharded_state_dict(model), checkpoint_dir)
+
+
+def load_model_weights(model, checkpoint_dir: str) -> None:
+    """Load the weights in ``checkpoint_dir`` into ``model`` (any saved layout).
+
+    Raises:
+        CheckpointError: a tensor of the model is absent from the checkpoint.
+    """
+    if not os.path.isfile(os.path.join(checkpoint_dir, "metadata.json")):
+        raise CheckpointError(
+            f"{checkpoint_dir} is not a torch_dist checkpoint (no metadata.json); pass the "
+            "iteration directory of a megatron-core checkpoint"
+        )
+    sharded = model_sharded_state_dict(model)
+    state, missing, _unexpected = dist_checkpointing.load(
+        sharded, checkpoint_dir, strict=StrictHandling.RETURN_ALL
+    )
+    missing_tensors = sorted(k for k in missing if EXTRA_STATE not in k)
+    if missing_tensors:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} has no tensor {missing_tensors[0]!r} "
+            f"({len(missing_tensors)} missing): it was saved from a different model "
+            "architecture; check the model arguments against the checkpoint's"
+        )
+    chunks = [_unwrap(m) for m in _model_chunks(model)]
+    per_chunk = [state] if len(chunks) == 1 else [state[f"model{i}"] for i in range(len(chunks))]
+    for chunk, chunk_state in zip(chunks, per_chunk):
+        result = chunk.load_state_dict(chunk_state, strict=False)
+        absent = [k for k in result.missing_keys if EXTRA_STATE not in k]
+        if absent:
+            raise CheckpointError(f"checkpoint {checkpoint_dir} did not provide {absent[0]!r}")
+
+
+def save_global_tensors(tensors: Dict[str, torch.Tensor], checkpoint_dir: str) -> None:
+    """Write full tensors as a torch_dist checkpoint from a single-process group.
+
+    Keys must be megatron-core's global checkpoint keys (e.g. ``decoder.layers.<name>`` with
+    the layer axis first, as ``load_plain_tensors`` returns them).
+    """
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    sharded = {
+        k: ShardedTensor.from_rank_offsets(k, t.contiguous(), replica_id=0)
+        for k, t in tensors.items()
+    }
+    dist_checkpointing.save(sharded, checkpoint_dir)
+
+
+def tensor_keys(checkpoint_dir: str) -> Iterable[str]:
+    """Names of the tensors stored in a torch_dist checkpoint (no data is read)."""
+    return dist_checkpointing.load_tensors_metadata(checkpoint_dir).keys()
+
+
+__all__ = [
+    "CheckpointError",
+    "load_model_weights",
+    "model_sharded_state_dict",
+    "save_global_tensors",
+    "save_model_weights",
+    "tensor_keys",
+]
