@@ -12,10 +12,13 @@ without those entries (e.g. one written by ``save_global_tensors``) still loads,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from typing import Dict, Iterable
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -96,15 +99,40 @@ def save_global_tensors(tensors: Dict[str, torch.Tensor], checkpoint_dir: str) -
     dist_checkpointing.save(sharded, checkpoint_dir)
 
 
+@contextlib.contextmanager
+def _process_group():
+    """A one-process gloo group for model-free reads when none exists (tools, tests)."""
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def read_global_tensors(checkpoint_dir: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a torch_dist checkpoint as full (global) tensors, keyed by their
+    checkpoint keys; works with or without a process group."""
+    with _process_group():
+        return dist_checkpointing.load_plain_tensors(checkpoint_dir)
+
+
 def tensor_keys(checkpoint_dir: str) -> Iterable[str]:
     """Names of the tensors stored in a torch_dist checkpoint (no data is read)."""
-    return dist_checkpointing.load_tensors_metadata(checkpoint_dir).keys()
+    with _process_group():
+        return list(dist_checkpointing.load_tensors_metadata(checkpoint_dir).keys())
 
 
 __all__ = [
     "CheckpointError",
     "load_model_weights",
     "model_sharded_state_dict",
+    "read_global_tensors",
     "save_global_tensors",
     "save_model_weights",
     "tensor_keys",
