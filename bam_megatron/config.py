@@ -143,11 +143,6 @@ def validate_bam_setup(
                 f"--moe-router-topk {config.moe_router_topk} is larger than --num-experts "
                 f"{experts}; lower the top-k"
             )
-        if config.moe_router_topk == 1 and not config.moe_router_pre_softmax:
-            raise BAMConfigError(
-                "--moe-router-topk 1 needs --moe-router-pre-softmax (softmax over one chosen "
-                "expert is always 1 and the router would get no gradient)"
-            )
         if tp > 1 and not config.sequence_parallel:
             raise BAMConfigError(
                 "FFN experts with --tensor-model-parallel-size > 1 need --sequence-parallel "

@@ -49,13 +49,13 @@ verbatim. ``linear_q`` rows are the q rows of that layout and ``linear_kv`` rows
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel import checkpoint as recompute_checkpoint
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import (
@@ -67,6 +67,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from bam_megatron import comm
 from bam_megatron.config import BAMConfig
+from bam_megatron.rope import apply_rope
 from bam_megatron.sdpa import fused_attention, softmax_scale
 
 
@@ -386,18 +387,19 @@ class MixtureOfAttention(MegatronModule):
                 rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             )
             # megatron's RoPE takes [s, b, h, d] (freqs [s, 1, 1, d]); a transposed view is fine.
-            q = apply_rotary_pos_emb(q.transpose(0, 1), q_emb, config=self.config).transpose(0, 1)
-            k = apply_rotary_pos_emb(k.transpose(0, 1), k_emb, config=self.config).transpose(0, 1)
+            q = apply_rope(q.transpose(0, 1), q_emb, self.config).transpose(0, 1)
+            k = apply_rope(k.transpose(0, 1), k_emb, self.config).transpose(0, 1)
 
         mask = attention_mask
         if mask is not None and mask.shape[0] > 1 and self.ep_size > 1:
             mask = comm.all_gather(mask, 0, self.ep_group)
         causal = self.attn_mask_type == AttnMaskType.causal
-        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
+        attention = functools.partial(self._attention, causal=causal)
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         if self.recompute_core_attn and self.training:
-            out = recompute_checkpoint(self._attention, False, *args)
+            out = recompute_checkpoint(attention, False, *args)
         else:
-            out = self._attention(*args)
+            out = attention(*args)
         out = out.transpose(1, 2)  # [B, s, heads, dh]; contiguous for flash / cuDNN kernels
 
         # Scale every head by its expert's router weight.

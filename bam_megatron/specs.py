@@ -4,7 +4,8 @@
 ``GPTModel`` takes as ``transformer_layer_spec``: every layer is a BAM block (parallel by
 default, sequential on request) whose attention is megatron-core's ``SelfAttention`` with torch
 SDPA (one attention expert) or the fused Mixture of Attention (N > 1), and whose FFN is
-megatron-core's dense ``MLP`` or its ``MoELayer``. The final norm is the sequence-parallel
+megatron-core's dense ``MLP`` or its ``MoELayer`` (experts: ``SequentialMLP`` with a grouped-GEMM
+forward on GPU, see ``experts.py``). The final norm is the sequence-parallel
 capable torch norm.
 
 Linear layers come from Transformer Engine when ``transformer_engine`` imports (and ``use_te`` is
@@ -22,6 +23,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -31,6 +33,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from bam_megatron.compat import apply_megatron_compat
 from bam_megatron.config import BAMConfig
+from bam_megatron.experts import GroupedGemmExperts
 from bam_megatron.layer import BAMParallelTransformerLayer
 from bam_megatron.moa import MixtureOfAttention
 from bam_megatron.norm import Norm
@@ -86,9 +89,13 @@ def ffn_spec(num_moe_experts: Optional[int], backend, moe_grouped_gemm: bool = F
                 linear_fc2=backend.row_parallel_linear(),
             ),
         )
-    return get_moe_module_spec_for_backend(
+    spec = get_moe_module_spec_for_backend(
         backend=backend, num_experts=num_moe_experts, moe_grouped_gemm=moe_grouped_gemm
     )
+    if spec.submodules.experts.module is SequentialMLP:
+        # Same module and checkpoint, plus a grouped-GEMM forward on GPU.
+        spec.submodules.experts.module = GroupedGemmExperts
+    return spec
 
 
 def get_bam_layer_spec(

@@ -1,0 +1,53 @@
+"""Model FLOPs per token (the "model TFLOP/s" numerator), for dense, BTX and BAM models.
+
+Matrix multiplications only, 2 FLOPs per multiply-add, forward pass; training (forward +
+backward) is 3× that. With ``d`` hidden size, ``H`` heads, ``G`` query groups, ``dh`` head dim,
+``F`` FFN size, ``s`` sequence length, ``V`` vocabulary, ``N_a`` attention experts (all active
+under soft routing; ``k_a`` under top-k), ``N_f`` FFN experts of which ``k`` are active:
+
+    attention projections  2·d·dh·(N_a·H [Q] + N_kv·2G [K,V] + N_a·H [O])
+                           with N_kv = N_a (KV experts), 1 (shared KV or dense)
+    attention scores       2·2·s·dh·N_a·H · 1/2          (QK^T and PV, causal: half the matrix)
+    attention router       2·d·N_a                       (when N_a > 1)
+    FFN (SwiGLU)           k·3·2·d·F   (gated: 2·d·2F + 2·F·d; non-gated: 2·2·d·F)
+    FFN router             2·d·N_f                       (when there are FFN experts)
+    output layer           2·d·V                         (once, not per layer)
+
+Top-k attention routing still computes every expert (the fused kernel masks the weights), so
+``N_a`` counts all attention experts in both routing modes: the FLOPs actually executed.
+"""
+
+from __future__ import annotations
+
+
+def flops_per_token(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    head_dim: int,
+    ffn_hidden_size: int,
+    seq_length: int,
+    vocab_size: int,
+    gated_linear_unit: bool = True,
+    attn_experts: int = 1,
+    kv_sharing: bool = False,
+    ffn_experts: int = 0,
+    ffn_topk: int = 1,
+    training: bool = True,
+) -> float:
+    """FLOPs per token of one forward (+ backward when ``training``) pass; see module doc."""
+    d, h, g, dh = hidden_size, num_attention_heads, num_query_groups, head_dim
+    n_a = attn_experts
+    n_kv = 1 if (n_a == 1 or kv_sharing) else n_a
+    attn = 2 * d * dh * (n_a * h + n_kv * 2 * g + n_a * h)
+    attn += 2 * 2 * seq_length * dh * n_a * h / 2
+    if n_a > 1:
+        attn += 2 * d * n_a
+    per_expert = (3 if gated_linear_unit else 2) * 2 * d * ffn_hidden_size
+    ffn = per_expert * (ffn_topk if ffn_experts else 1)
+    if ffn_experts:
+        ffn += 2 * d * ffn_experts
+    total = num_layers * (attn + ffn) + 2 * d * vocab_size
+    return total * (3 if training else 1)
