@@ -1,0 +1,225 @@
+"""Process-group and model-parallel setup for megatron-core.
+
+``init_distributed()`` reads the torchrun environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM jobs launch through torchrun) or,
+when it is absent, runs as a single process on a free localhost port.  With a
+GPU it uses NCCL on ``cuda:LOCAL_RANK``; without one it uses gloo and turns on
+the explicit CPU runtime (``bam_megatron.cpu_mode``).  The chosen device is
+the one place device selection happens: use ``get_device()`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from bam_megatron.cpu_mode import enable_cpu_mode
+
+__all__ = [
+    "DistributedInfo",
+    "init_distributed",
+    "destroy_distributed",
+    "get_device",
+    "validate_parallel_layout",
+]
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """What ``init_distributed()`` set up for this process."""
+
+    device: torch.device
+    backend: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+_INFO: Optional[DistributedInfo] = None
+_OWNS_PROCESS_GROUP = False
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def validate_parallel_layout(
+    world_size: int,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+) -> None:
+    """Raise a one-line ``ValueError`` if the parallel sizes cannot tile ``world_size``."""
+    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
+    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
+    for flag, value in (
+        ("tensor-model-parallel-size", tp),
+        ("pipeline-model-parallel-size", pp),
+        ("expert-model-parallel-size", ep),
+        ("expert-tensor-parallel-size", etp),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} × "
+            f"pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes "
+            f"or change the parallel sizes"
+        )
+    if world_size % (etp * ep * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert-tensor-parallel-size {etp} × "
+            f"expert-model-parallel-size {ep} × pipeline-model-parallel-size {pp}; launch a "
+            f"multiple of {etp * ep * pp} processes or change the expert parallel sizes"
+        )
+
+
+def init_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> DistributedInfo:
+    """Initialise torch.distributed and megatron-core's model-parallel groups, then seed.
+
+    Every rank is seeded with the same ``seed``: data-parallel replicas start
+    identical, CPU-initialised (``use_cpu_initialization=True``) master weights
+    are the same as in a 1-process run, and megatron's RNG tracker gives each
+    tensor-parallel rank its own stream for sharded init and dropout.
+    """
+    global _INFO, _OWNS_PROCESS_GROUP
+    if _INFO is not None:
+        raise RuntimeError("init_distributed() was already called; call destroy_distributed() first")
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = _env_int("RANK", 0) if launched else 0
+    world_size = _env_int("WORLD_SIZE", 1) if launched else 1
+    local_rank = _env_int("LOCAL_RANK", rank) if launched else 0
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+
+    # Pure arithmetic first: a bad layout fails before any import or process-group work.
+    validate_parallel_layout(
+        world_size,
+        tensor_model_parallel_size,
+        pipeline_model_parallel_size,
+        expert_model_parallel_size,
+        expert_tensor_parallel_size,
+    )
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        raise RuntimeError(
+            "megatron model parallelism is already initialised; destroy it first"
+        )
+
+    if torch.cuda.is_available():
+        backend = "nccl"
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} has no GPU (only {torch.cuda.device_count()} visible); "
+                f"launch at most {torch.cuda.device_count()} processes per node"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        backend = "gloo"
+        enable_cpu_mode()
+        device = torch.device("cpu")
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        if launched:
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise RuntimeError(
+                    "RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; "
+                    "launch with torchrun or export both"
+                )
+            init_method = "env://"
+        else:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
+        _OWNS_PROCESS_GROUP = True
+    elif dist.get_backend() != backend:
+        raise RuntimeError(
+            f"torch.distributed is already initialised with backend {dist.get_backend()}, "
+            f"but this machine needs {backend}"
+        )
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is optional here
+        pass
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+    _INFO = DistributedInfo(
+        device=device, backend=backend, rank=rank, world_size=world_size, local_rank=local_rank
+    )
+    return _INFO
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's parallel state and the process group this module created."""
+    global _INFO, _OWNS_PROCESS_GROUP
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if _OWNS_PROCESS_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWNS_PROCESS_GROUP = False
+    _INFO = None
+
+
+def get_device() -> torch.device:
+    """The device this process computes on.
+
+    After ``init_distributed()`` that is the device it chose; before, the
+    current CUDA device if there is one, else the CPU.
+    """
+    if _INFO is not None:
+        return _INFO.device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
