@@ -1,0 +1,520 @@
+"""The training loop of ``pretrain_bam.py`` on megatron-core's building blocks.
+
+megatron-core has no training loop; this one wires its pieces the way Megatron-LM does:
+``DistributedDataParallel`` (+ overlapped grad reduce), ``get_megatron_optimizer``,
+``OptimizerParamScheduler`` (warm-up + linear/cosine decay, stepped in samples), the pipeline
+schedules of ``get_forward_backward_func`` (no pipelining or 1F1B), ``finalize_model_grads``,
+megatron-core datasets, torch_dist checkpoints (``train_checkpoint.py``) and the logs of
+``metrics.py``. Order of work: arguments → process groups → tokenizer → checkpoint arguments
+checked → model → optimizer → checkpoint loaded → data → train / evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from bam_megatron import arguments as cli
+from bam_megatron.checkpointing import CheckpointError
+from bam_megatron.config import BAMConfigError, validate_bam_setup
+from bam_megatron.metrics import MetricsLogger, memory_gib, print_rank_0, print_rank_last, training_line, validation_line
+
+
+class TrainingError(RuntimeError):
+    """A condition that stops training (bad input found up front, too many NaN steps)."""
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def _merge_checkpoint_args(args) -> None:
+    """``--use-checkpoint-args``: take the model arguments from the checkpoint in --load."""
+    from bam_megatron.train_checkpoint import read_common, resolve_load_dir
+
+    saved = read_common(resolve_load_dir(args.load)).get("args")
+    if not saved:
+        raise CheckpointError(f"--use-checkpoint-args: {args.load} records no arguments")
+    for name in cli.MODEL_ARGS:
+        if name in saved and name != "padded_vocab_size":
+            setattr(args, name, saved[name])
+
+
+def _check_checkpoint_matches(args, ckpt_dir: str) -> None:
+    """One clear error when the checkpoint's model differs from the one asked for."""
+    from bam_megatron.train_checkpoint import read_common
+
+    saved = read_common(ckpt_dir).get("args") or {}
+    for name in cli.MODEL_ARGS:
+        if name in saved and saved[name] != getattr(args, name, None):
+            flag = "--" + name.replace("_", "-")
+            if name == "padded_vocab_size":
+                raise CheckpointError(
+                    f"the tokenizer gives a padded vocabulary of {args.padded_vocab_size} but checkpoint "
+                    f"{ckpt_dir} was trained with {saved[name]}; use the checkpoint's tokenizer"
+                )
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} has {flag} {saved[name]!r} but {getattr(args, name, None)!r} "
+                "was given; fix the flag or add --use-checkpoint-args"
+            )
+
+
+def _model_provider(args, config, bam, vp_stage=None):
+    from bam_megatron.model import build_bam_model
+
+    return build_bam_model(
+        config,
+        bam,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        vp_stage=vp_stage,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
+
+
+def _num_microbatches(args) -> int:
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise TrainingError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} × data-parallel size {dp}; pick a multiple of {per_step}"
+        )
+    return args.global_batch_size // per_step
+
+
+def _args_dict(args) -> dict:
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def _router_load_hooks(model) -> Dict[int, torch.Tensor]:
+    """Count tokens per FFN expert per layer (``{layer_number: counts}``) from megatron's routers."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    counts: Dict[int, torch.Tensor] = {}
+    for m in model:
+        for module in m.modules():
+            if isinstance(module, TopKRouter):
+                def hook(mod, _inputs, output):
+                    routing_map = output[1]
+                    n = routing_map.sum(dim=0).detach().float()
+                    counts[mod.layer_number] = counts.get(mod.layer_number, 0) + n
+                module.register_forward_hook(hook)
+    return counts
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+def _batch_to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Masked mean of the per-token losses ``output [b, s]``."""
+    losses = output.float()
+    mask = loss_mask.float()
+    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(device, data_iterator, model):
+    batch = _batch_to(next(data_iterator), device)
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("attention_mask"),
+        labels=batch["labels"],
+    )
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_losses(losses: List[dict]) -> Optional[float]:
+    """Mean 'lm loss' over micro-batches and data-parallel ranks (last pipeline stage), shared
+    with every rank so all agree on NaN handling."""
+    from megatron.core import parallel_state as ps
+
+    value = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+        stacked = torch.stack([d["lm loss"].float() for d in losses])
+        value[0] = stacked.sum().item() / ps.get_tensor_model_parallel_world_size()
+        value[1] = len(losses) / ps.get_tensor_model_parallel_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    value = value.to(device)
+    dist.all_reduce(value)  # every rank of the last stage holds the same per-TP loss
+    return (value[0] / value[1]).item() if value[1] > 0 else None
+
+
+def _moe_losses(num_layers: int) -> Dict[str, float]:
+    """Mean per-layer aux losses from megatron-core's tracker (then cleared)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    reduce_aux_losses_tracker_across_ranks()
+    out = {}
+    for name, entry in tracker.items():
+        values = entry["values"].float()
+        out[name] = values.sum().item() / num_layers
+        for layer, v in enumerate(values.tolist(), start=1):
+            out[f"moe/{name}/layer_{layer}"] = v
+    clear_aux_losses_tracker()
+    return out
+
+
+def _routing_metrics(model, ffn_counts: Dict[int, torch.Tensor]) -> Dict[str, float]:
+    """Attention-router weights and FFN expert load (fractions), per layer and expert."""
+    from bam_megatron.moa import MixtureOfAttention
+
+    out = {}
+    for m in model:
+        for module in m.modules():
+            if isinstance(module, MixtureOfAttention) and module.last_router_mean is not None:
+                for e, w in enumerate(module.last_router_mean.tolist()):
+                    out[f"attn_router/layer_{module.layer_number}/expert_{e}"] = w
+    for layer, counts in ffn_counts.items():
+        total = counts.sum().clamp(min=1)
+        for e, c in enumerate((counts / total).tolist()):
+            out[f"ffn_load/layer_{layer}/expert_{e}"] = c
+    ffn_counts.clear()
+    return out
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def evaluate(forward_backward_func, model, data_iterator, args, num_microbatches, device) -> Optional[float]:
+    """Mean validation loss over ``--eval-iters`` steps of one global batch."""
+    for m in model:
+        m.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            try:
+                losses = forward_backward_func(
+                    forward_step_func=partial(_forward_step, device),
+                    data_iterator=data_iterator,
+                    model=model,
+                    num_microbatches=num_microbatches,
+                    seq_length=args.seq_length,
+                    micro_batch_size=args.micro_batch_size,
+                    forward_only=True,
+                )
+            except StopIteration:
+                break
+            loss = _reduce_losses(losses)
+            if loss is None:
+                break
+            total += loss
+            count += 1
+    for m in model:
+        m.train()
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+    return total / count if count else None
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def pretrain(argv: Optional[List[str]] = None) -> dict:
+    """Run ``pretrain_bam.py`` with ``argv``; returns a summary (final losses) on every rank."""
+    args = cli.parse_args(argv)
+    parser = cli.build_parser()
+    try:
+        if args.use_checkpoint_args:
+            if args.load is None:
+                parser.error("--use-checkpoint-args needs --load")
+            _merge_checkpoint_args(args)
+        cli.finalize_args(args, parser)
+    except CheckpointError as exc:
+        parser.error(str(exc))
+    return _run(args)
+
+
+def _run(args) -> dict:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from bam_megatron.data import build_data_iterator, build_datasets
+    from bam_megatron.distributed import destroy_distributed, init_distributed
+    from bam_megatron.flops import flops_per_token
+    from bam_megatron.tokenizer import build_tokenizer, padded_vocab_size
+    from bam_megatron.train_checkpoint import TrainState, load_checkpoint, resolve_load_dir, save_checkpoint
+
+    # Everything that can be checked without a process group is checked first.
+    config_bam = cli.bam_config_from_args(args)
+    tokenizer = build_tokenizer(
+        args.tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size,
+    )
+    args.padded_vocab_size = padded_vocab_size(
+        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+    )
+    load_dir = resolve_load_dir(args.load) if args.load else None
+    if load_dir:
+        _check_checkpoint_matches(args, load_dir)
+    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise CheckpointError(f"--save {args.save} exists and is not a directory")
+
+    info = init_distributed(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.expert_model_parallel_size,
+        args.expert_tensor_parallel_size,
+        seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
+    logger = None
+    try:
+        device = info.device
+        config = cli.transformer_config_from_args(args)
+        validate_bam_setup(config, config_bam)
+        num_microbatches = _num_microbatches(args)
+
+        model = [_model_provider(args, config, config_bam)]
+        for m in model:
+            m.to(device)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        model = [DistributedDataParallel(config, ddp_config, m) for m in model]
+        config.no_sync_func = model[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        if args.overlap_grad_reduce:
+            config.grad_sync_func = model[0].start_grad_sync
+
+        optimizer = None
+        scheduler = None
+        if not args.skip_train:
+            optimizer = get_megatron_optimizer(cli.optimizer_config_from_args(args), model)
+            gbs = args.global_batch_size
+            scheduler = OptimizerParamScheduler(
+                optimizer,
+                init_lr=0.0,
+                max_lr=args.lr,
+                min_lr=args.min_lr,
+                lr_warmup_steps=args.lr_warmup_iters * gbs,
+                lr_decay_steps=args.lr_decay_iters * gbs,
+                lr_decay_style=args.lr_decay_style,
+                start_wd=args.weight_decay,
+                end_wd=args.weight_decay,
+                wd_incr_steps=args.train_iters * gbs,
+                wd_incr_style="constant",
+            )
+
+        state = TrainState()
+        if load_dir:
+            state = load_checkpoint(
+                load_dir, model, optimizer, scheduler,
+                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
+            )
+            print_rank_0(f"[checkpoint] loaded {load_dir} at iteration {state.iteration}")
+
+        datasets = build_datasets(
+            tokenizer,
+            args.seq_length,
+            data_path=args.data_path,
+            split=args.split if args.data_path else None,
+            valid_sets=args.valid_data_path,
+            mock_data=args.mock_data,
+            train_iters=args.train_iters or 0,
+            global_batch_size=args.global_batch_size,
+            eval_iters=args.eval_iters,
+            eval_interval=args.eval_interval,
+            seed=args.seed,
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss,
+            data_cache_path=args.data_cache_path,
+        )
+        print_rank_0(f"[data] {datasets.summary()}")
+
+        def iterator(dataset, consumed=0, cyclic=False):
+            return build_data_iterator(
+                dataset, micro_batch_size=args.micro_batch_size, consumed_samples=consumed,
+                num_workers=args.num_workers, cyclic=cyclic,
+            )
+
+        forward_backward_func = get_forward_backward_func()
+        logger = MetricsLogger(args)
+        summary: dict = {"train_losses": [], "valid": {}}
+
+        def run_validation(iteration: int) -> None:
+            sets = []
+            if datasets.valid is not None:
+                sets.append((None, datasets.valid))
+            sets += list(datasets.valid_sets.items())
+            metrics = {}
+            for name, ds in sets:
+                loss = evaluate(forward_backward_func, model, iterator(ds, cyclic=True), args, num_microbatches, device)
+                if loss is None:
+                    continue
+                print_rank_last(validation_line(iteration, loss, name))
+                key = f"validation/{name}" if name else "validation"
+                metrics[f"{key}/lm loss"] = loss
+                metrics[f"{key}/lm loss PPL"] = math.exp(min(20.0, loss))
+                summary["valid"][name or "valid"] = loss
+            logger.log(metrics, iteration)
+
+        if not args.skip_train:
+            state = _train(
+                args, model, optimizer, scheduler, forward_backward_func, state,
+                iterator(datasets.train, state.consumed_train_samples, cyclic=True),
+                num_microbatches, device, logger, summary, run_validation, save_checkpoint,
+                flops_per_token(
+                    num_layers=args.num_layers, hidden_size=args.hidden_size,
+                    num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+                    head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
+                    seq_length=args.seq_length, vocab_size=args.padded_vocab_size,
+                    gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts,
+                    kv_sharing=args.bam_kv_sharing, ffn_experts=args.num_experts or 0,
+                    ffn_topk=args.moe_router_topk,
+                ),
+            )
+        run_validation(state.iteration)
+        summary["iteration"] = state.iteration
+        return summary
+    finally:
+        if logger is not None:
+            logger.finish()
+        destroy_distributed()
+
+
+def _train(args, model, optimizer, scheduler, forward_backward_func, state, train_iter,
+           num_microbatches, device, logger, summary, run_validation, save_checkpoint, fpt):
+    from megatron.core import parallel_state as ps
+
+    ffn_counts = _router_load_hooks(model)
+    args_dict = _args_dict(args)
+    world = dist.get_world_size()
+    nan_iters = 0
+    window_start, window_iters = time.perf_counter(), 0
+    last_saved = None
+
+    def save():
+        nonlocal last_saved
+        if args.save and last_saved != state.iteration:
+            path = save_checkpoint(args.save, state, model, optimizer, scheduler, args_dict, args.keep_last_checkpoints)
+            last_saved = state.iteration
+            print_rank_0(f"[checkpoint] saved {path}")
+
+    for m in model:
+        m.train()
+    while state.iteration < args.train_iters:
+        for m in model:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = forward_backward_func(
+            forward_step_func=partial(_forward_step, device),
+            data_iterator=train_iter,
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=False,
+        )
+        loss = _reduce_losses(losses)
+        state.consumed_train_samples += args.global_batch_size
+        state.iteration += 1
+        if loss is None or not math.isfinite(loss):
+            nan_iters += 1
+            state.skipped_iterations += 1
+            print_rank_last(f"[train] iteration {state.iteration}: loss is {loss}; step skipped "
+                            f"({nan_iters}/{args.max_skipped_nan_iters} allowed)")
+            if nan_iters > args.max_skipped_nan_iters:
+                raise TrainingError(
+                    f"{nan_iters} steps with a NaN/inf loss (more than --max-skipped-nan-iters "
+                    f"{args.max_skipped_nan_iters}); stopping without saving. Lower --lr or check the data"
+                )
+            continue
+        ok, grad_norm, _ = optimizer.step()
+        if ok:
+            scheduler.step(increment=args.global_batch_size)
+        else:
+            state.skipped_iterations += 1
+        summary["train_losses"].append(loss)
+        window_iters += 1
+
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - window_start) / max(window_iters, 1)
+            tokens_per_s = args.global_batch_size * args.seq_length / elapsed
+            metrics = {"lm loss": loss}
+            metrics.update(_moe_losses(args.num_layers))
+            lr = optimizer.param_groups[0]["lr"]
+            line_losses = {k: v for k, v in metrics.items() if "/" not in k}
+            print_rank_last(training_line(
+                iteration=state.iteration, train_iters=args.train_iters,
+                consumed_samples=state.consumed_train_samples, elapsed_ms=elapsed * 1e3,
+                tflops_per_gpu=fpt * tokens_per_s / world / 1e12, tokens_per_s=tokens_per_s,
+                lr=lr, global_batch_size=args.global_batch_size, losses=line_losses,
+                grad_norm=grad_norm, skipped=state.skipped_iterations, nan_iters=nan_iters,
+                memory=memory_gib(device),
+            ))
+            metrics.update(_routing_metrics(model, ffn_counts))
+            metrics.update({
+                "learning-rate": lr, "grad-norm": grad_norm if grad_norm is not None else float("nan"),
+                "throughput/tokens_per_s": tokens_per_s, "iteration-time-ms": elapsed * 1e3,
+                "consumed-samples": state.consumed_train_samples,
+            })
+            logger.log(metrics, state.iteration)
+            window_start, window_iters = time.perf_counter(), 0
+        else:
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()
+
+        paused = False
+        if args.eval_interval and state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
+            run_validation(state.iteration)
+            paused = True
+        if args.save_interval and state.iteration % args.save_interval == 0:
+            save()
+            paused = True
+        if paused:  # keep evaluation and checkpoint time out of the step time
+            window_start, window_iters = time.perf_counter(), 0
+    save()
+    return state
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry: clear one-line errors for bad input, exit code 1."""
+    from bam_megatron.data import DataConfigError
+    from bam_megatron.tokenizer import TokenizerConfigError
+
+    try:
+        pretrain(argv)
+    except (CheckpointError, BAMConfigError, TrainingError, DataConfigError, TokenizerConfigError, ValueError) as exc:
+        print(f"pretrain_bam.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
