@@ -30,6 +30,7 @@ def close(name, a, b, atol, rtol):
 def main():
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -63,9 +64,9 @@ def main():
     g = torch.randn_like(ours)
     for out in (ours, ref, exact):
         out.backward(g.to(out.dtype))
-    for name, a, b, a_ref in (("forward", ours, ref, exact), ("backward", t.grad, t2.grad, t32.grad)):
-        err_ours = (a.float() - a_ref).abs().max().item()
-        err_megatron = (b.float() - a_ref).abs().max().item()
+    for name, got, mega, exact_val in (("forward", ours, ref, exact), ("backward", t.grad, t2.grad, t32.grad)):
+        err_ours = (got.float() - exact_val).abs().max().item()
+        err_megatron = (mega.float() - exact_val).abs().max().item()
         ok = err_ours <= 1.5 * err_megatron + 1e-3
         print(f"{'ok  ' if ok else 'FAIL'} rope {name}: max err vs fp32 {err_ours:.2e} (megatron bf16: {err_megatron:.2e})")
         if not ok:
@@ -73,8 +74,9 @@ def main():
 
     # 2. grouped experts vs loop (same weights)
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    loop = SequentialMLP(4, cfg, sub).to(dev)
-    grouped = GroupedGemmExperts(4, cfg, sub).to(dev)
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    loop = SequentialMLP(4, cfg, sub, pg_collection=pgs).to(dev)
+    grouped = GroupedGemmExperts(4, cfg, sub, pg_collection=pgs).to(dev)
     grouped.load_state_dict(loop.state_dict())
     counts = torch.tensor([300, 0, 123, 89])
     x = torch.randn(int(counts.sum()), 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
