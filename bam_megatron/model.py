@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from bam_megatron.config import BAMConfig, validate_bam_setup
+from bam_megatron.moe import enable_local_dispatch
 from bam_megatron.specs import get_bam_block_spec
 
 
@@ -50,7 +51,7 @@ def build_bam_model(
     spec = get_bam_block_spec(
         config, bam, use_te, vp_stage=vp_stage, pp_rank=parallel_state.get_pipeline_model_parallel_rank()
     )
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size,
@@ -64,3 +65,5 @@ def build_bam_model(
         rotary_base=rotary_base,
         vp_stage=vp_stage,
     )
+    enable_local_dispatch(model)  # sync-free MoE dispatch where all experts are local
+    return model

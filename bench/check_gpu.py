@@ -93,7 +93,9 @@ def main():
         close(f"grouped experts grad {n}", pg.grad, pl.grad, 5e-2, 5e-2)
 
     # 3. MoA GPU bf16 vs CPU fp32
-    cfg32 = TransformerConfig(**{**cfg.__dict__, "bf16": False, "params_dtype": torch.float32})
+    cfg32 = TransformerConfig(
+        **{**cfg.__dict__, "bf16": False, "params_dtype": torch.float32, "use_cpu_initialization": True}
+    )
     for kv_sharing in (False, True):
         moa_cpu = MixtureOfAttention(cfg32, BAMConfig(attn_experts=4, kv_sharing=kv_sharing), 1)
         moa_gpu = MixtureOfAttention(cfg, BAMConfig(attn_experts=4, kv_sharing=kv_sharing), 1)

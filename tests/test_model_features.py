@@ -117,3 +117,37 @@ def test_invalid_setups_fail_with_one_line(cfg_kwargs, bam_kwargs, layout, messa
 def test_bam_config_errors(kwargs, message):
     with pytest.raises(BAMConfigError, match=message.replace("[", r"\[").replace("-", r"\-")):
         BAMConfig(**kwargs)
+
+
+@pytest.mark.parametrize("topk,pre_softmax", [(1, True), (2, False), (3, True)])
+def test_local_dispatch_matches_megatron_dispatcher(single_process, topk, pre_softmax):
+    """The sync-free local dispatch computes what megatron-core's dispatcher does."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from bam_megatron.compat import apply_megatron_compat
+    from bam_megatron.moe import LocalSortTokenDispatcher, enable_local_dispatch
+
+    apply_megatron_compat()
+    cfg = tiny_config(**moe_overrides(4, topk, pre_softmax, moe_z_loss_coeff=1e-3))
+    sub = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=4).submodules
+    ours, ref = MoELayer(cfg, sub, layer_number=1), MoELayer(cfg, sub, layer_number=1)
+    assert enable_local_dispatch(ours) == 1
+    assert isinstance(ours.token_dispatcher, LocalSortTokenDispatcher)
+    assert not isinstance(ref.token_dispatcher, LocalSortTokenDispatcher)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(SEQ, 3, cfg.hidden_size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, _ = ours(x)
+    out_ref, _ = ref(x_ref)
+    torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
+    for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-6, rtol=1e-5, msg=name)
