@@ -54,8 +54,15 @@ def _bool_flag(group, name, help_text):
     group.add_argument(name, action="store_true", help=help_text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` without the 60-line usage dump before an error: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pretrain_bam.py",
         description="Train dense seeds, branched experts and BAM mixture-of-experts models on "
         "megatron-core (GPU: NCCL, bf16; no GPU: gloo, fp32).",
@@ -193,6 +200,11 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}; set --kv-channels")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
+    tp = args.tensor_model_parallel_size
+    _check(parser, tp >= 1 and args.num_attention_heads % tp == 0,
+           f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    _check(parser, args.num_query_groups % tp == 0,
+           f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
     if args.kv_channels is None:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.ffn_hidden_size is None:

@@ -66,10 +66,12 @@ def load_model_weights(model, checkpoint_dir: str) -> None:
             "iteration directory of a megatron-core checkpoint"
         )
     sharded = model_sharded_state_dict(model)
-    state, missing, _unexpected = dist_checkpointing.load(
+    # megatron-core's naming: "unexpected" = asked for by the model but absent from the
+    # checkpoint; "missing" = in the checkpoint but asked for by no one (e.g. optimizer state)
+    state, _missing, unexpected = dist_checkpointing.load(
         sharded, checkpoint_dir, strict=StrictHandling.RETURN_ALL
     )
-    missing_tensors = sorted(k for k in missing if EXTRA_STATE not in k)
+    missing_tensors = sorted(k for k in unexpected if EXTRA_STATE not in k)
     if missing_tensors:
         raise CheckpointError(
             f"checkpoint {checkpoint_dir} has no tensor {missing_tensors[0]!r} "

@@ -105,9 +105,12 @@ def init_distributed(
     """Initialise torch.distributed and megatron-core's model-parallel groups, then seed.
 
     Every rank is seeded with the same ``seed``: data-parallel replicas start
-    identical, CPU-initialised (``use_cpu_initialization=True``) master weights
-    are the same as in a 1-process run, and megatron's RNG tracker gives each
-    tensor-parallel rank its own stream for sharded init and dropout.
+    identical, CPU-initialised (``use_cpu_initialization=True``) dense master
+    weights are the same as in a 1-process run, and megatron's RNG tracker gives
+    each tensor-parallel rank its own stream for sharded init and dropout. FFN
+    experts are drawn per expert-parallel rank (megatron-core's expert RNG
+    stream), so a fresh model at EP > 1 differs from a 1-process one: start
+    layout comparisons from a checkpoint.
     """
     global _INFO, _OWNS_PROCESS_GROUP
     if _INFO is not None:

@@ -205,6 +205,28 @@ def _delete_old(root: str, keep_last: int, newest: int) -> None:
 # ------------------------------------------------------------------------------------ load
 
 
+def _check_optimizer_parts(common: dict, optimizer, ckpt_dir: str) -> None:
+    """The saved optimizer state must have the structure of ``optimizer``.
+
+    megatron-core's ``get_megatron_optimizer`` puts expert parameters into an optimizer of their
+    own only when --expert-model-parallel-size > 1 (a chain of two); the state of one optimizer
+    and of a chain of two cannot be loaded into each other (megatron-core fails deep inside
+    ``dist_checkpointing.load`` with "Different dict keys encountered")."""
+    saved = common.get("optimizer")
+    if not isinstance(saved, dict):
+        return
+    saved_parts = 1 if ("state" in saved or "param_groups" in saved) else len(saved)
+    parts = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    if saved_parts != parts:
+        saved_ep = (common.get("layout") or {}).get("ep", "?")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds the state of {saved_parts} optimizer(s) (saved at "
+            f"--expert-model-parallel-size {saved_ep}), this layout uses {parts} (expert parameters get "
+            f"an optimizer of their own only when --expert-model-parallel-size > 1), and optimizer state "
+            "cannot move between the two; add --no-load-optim to load the weights with a fresh optimizer"
+        )
+
+
 def load_checkpoint(
     ckpt_dir: str,
     model: List[torch.nn.Module],
@@ -230,27 +252,43 @@ def load_checkpoint(
     sharded = {"model": model_sd}
     has_optim = any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(ckpt_dir))
     if load_optim and optimizer is not None and has_optim:
+        _check_optimizer_parts(common, optimizer, ckpt_dir)
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     elif load_optim and optimizer is not None and dist.get_rank() == 0:
         print(f"[checkpoint] {ckpt_dir} has no optimizer state: starting the optimizer fresh", flush=True)
     if load_rng:
         sharded["rng_state"] = _rng_sharded_object()
 
-    loaded, missing, _ = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
-    missing = sorted(k for k in missing if EXTRA_STATE not in k and not k.startswith("optimizer"))
-    if missing:
+    # megatron-core's names: "unexpected" = asked for but not in the checkpoint; "missing" = in
+    # the checkpoint but asked for by no rank (e.g. optimizer state or RNG not loaded: fine)
+    loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
+    absent = sorted(k for k in unexpected if EXTRA_STATE not in k and k != "rng_state")
+    # "unexpected" differs between ranks: all of them stop, not only those that saw it
+    flag = torch.tensor([float(len(absent))],
+                        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() > 0:
+        what = f"has no tensor {absent[0]!r} ({len(absent)} missing)" if absent else "lacks tensors of this model"
+        if absent and absent[0].startswith("optimizer"):
+            raise CheckpointError(f"checkpoint {ckpt_dir} {what}: its optimizer state does not fit; add --no-load-optim")
         raise CheckpointError(
-            f"checkpoint {ckpt_dir} has no tensor {missing[0]!r} ({len(missing)} missing): it was "
-            "saved from a different model; check the model arguments (or use --use-checkpoint-args)"
+            f"checkpoint {ckpt_dir} {what}: it was saved from a different model; check the model "
+            "arguments (or use --use-checkpoint-args)"
         )
     chunks = [m.module if hasattr(m, "module") else m for m in model]
     states = [loaded["model"]] if len(chunks) == 1 else [loaded["model"][f"model{i}"] for i in range(len(chunks))]
     for chunk, st in zip(chunks, states):
         chunk.load_state_dict(st, strict=False)
-    if "optimizer" in loaded:
+    # ``loaded`` also holds the checkpoint's non-tensor state (its "optimizer" part too): only
+    # what was asked for goes back in
+    if "optimizer" in sharded:
         optimizer.load_state_dict(loaded["optimizer"])
-    if load_rng and "rng_state" in loaded:
-        _set_rng_state(loaded["rng_state"])
+    if "rng_state" in sharded:
+        if "rng_state" in unexpected:
+            if dist.get_rank() == 0:
+                print(f"[checkpoint] {ckpt_dir} holds no RNG state: not restored", flush=True)
+        else:
+            _set_rng_state(loaded["rng_state"])
 
     if finetune:
         return TrainState()

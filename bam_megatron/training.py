@@ -55,9 +55,16 @@ def _check_checkpoint_matches(args, ckpt_dir: str) -> None:
         if name in saved and saved[name] != getattr(args, name, None):
             flag = "--" + name.replace("_", "-")
             if name == "padded_vocab_size":
+                if saved.get("tokenizer_vocab_size") == args.tokenizer_vocab_size:
+                    raise CheckpointError(
+                        f"checkpoint {ckpt_dir} pads the vocabulary to {saved[name]} but this run pads it "
+                        f"to {args.padded_vocab_size} (the padding depends on --tensor-model-parallel-size); "
+                        "set --make-vocab-size-divisible-by so that both pad to the same size"
+                    )
                 raise CheckpointError(
-                    f"the tokenizer gives a padded vocabulary of {args.padded_vocab_size} but checkpoint "
-                    f"{ckpt_dir} was trained with {saved[name]}; use the checkpoint's tokenizer"
+                    f"the tokenizer has {args.tokenizer_vocab_size} tokens (padded {args.padded_vocab_size}) but "
+                    f"checkpoint {ckpt_dir} was trained with a padded vocabulary of {saved[name]}; use the "
+                    "checkpoint's tokenizer"
                 )
             raise CheckpointError(
                 f"checkpoint {ckpt_dir} has {flag} {saved[name]!r} but {getattr(args, name, None)!r} "
@@ -119,6 +126,23 @@ def _router_load_hooks(model) -> Dict[int, torch.Tensor]:
 # ------------------------------------------------------------------------------------ steps
 
 
+def _rng_neutral(data_iterator):
+    """Yield from ``data_iterator`` without touching torch's global RNG.
+
+    A DataLoader draws its base seed from the default generator when it starts an epoch; on
+    CPU that generator also drives dropout, so a resumed run (whose loader starts after the RNG
+    state is restored) would draw dropout masks other than the uninterrupted run's."""
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(data_iterator)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield batch
+
+
 def _batch_to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -158,8 +182,32 @@ def _reduce_losses(losses: List[dict]) -> Optional[float]:
     return (value[0] / value[1]).item() if value[1] > 0 else None
 
 
-def _moe_losses(num_layers: int) -> Dict[str, float]:
-    """Mean per-layer aux losses from megatron-core's tracker (then cleared)."""
+def _grads_finite(model) -> bool:
+    """Whether the reduced gradients of every rank are finite (all ranks get the same answer).
+
+    The fp32 optimizer applies whatever it gets (a NaN gradient norm turns every weight into
+    NaN), so a step with a NaN/inf gradient must be skipped before ``optimizer.step()``. A sum is
+    NaN/inf when any element is, without a temporary the size of the gradients."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    sums = [
+        buffer.grad_data.sum(dtype=torch.float32).to(device)
+        for m in model
+        for buffer in list(getattr(m, "buffers", [])) + list(getattr(m, "expert_parallel_buffers", []))
+    ]
+    bad = torch.zeros(1, dtype=torch.float32, device=device)
+    if sums:
+        bad[0] = (~torch.isfinite(torch.stack(sums))).any().float()
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+def _moe_losses(num_layers: int, num_microbatches: int) -> Dict[str, float]:
+    """Mean per-layer aux losses of one step from megatron-core's tracker (then cleared).
+
+    The tracker sums over the step's micro-batches: divided by their number (as Megatron-LM's
+    ``track_moe_metrics`` does). Some losses (the z-loss) are means over this rank's tokens only,
+    others are already the same on every rank: the mean over all ranks makes both the value of
+    the whole global batch, whatever the TP / EP / data-parallel layout."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -172,7 +220,10 @@ def _moe_losses(num_layers: int) -> Dict[str, float]:
     reduce_aux_losses_tracker_across_ranks()
     out = {}
     for name, entry in tracker.items():
-        values = entry["values"].float()
+        values = entry["values"].float() / num_microbatches
+        if dist.get_world_size() > 1:
+            dist.all_reduce(values)  # every rank holds all layers after the pipeline reduce
+            values /= dist.get_world_size()
         out[name] = values.sum().item() / num_layers
         for layer, v in enumerate(values.tolist(), start=1):
             out[f"moe/{name}/layer_{layer}"] = v
@@ -274,6 +325,7 @@ def _run(args) -> dict:
         tokenizer_model=args.tokenizer_model,
         vocab_size=args.vocab_size,
     )
+    args.tokenizer_vocab_size = tokenizer.vocab_size
     args.padded_vocab_size = padded_vocab_size(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
@@ -359,10 +411,10 @@ def _run(args) -> dict:
         print_rank_0(f"[data] {datasets.summary()}")
 
         def iterator(dataset, consumed=0, cyclic=False):
-            return build_data_iterator(
+            return _rng_neutral(build_data_iterator(
                 dataset, micro_batch_size=args.micro_batch_size, consumed_samples=consumed,
                 num_workers=args.num_workers, cyclic=cyclic,
-            )
+            ))
 
         forward_backward_func = get_forward_backward_func()
         logger = MetricsLogger(args)
@@ -445,16 +497,21 @@ def _train(args, model, optimizer, scheduler, forward_backward_func, state, trai
         loss = _reduce_losses(losses)
         state.consumed_train_samples += args.global_batch_size
         state.iteration += 1
-        if loss is None or not math.isfinite(loss):
+        bad_loss = loss is None or not math.isfinite(loss)
+        if bad_loss or not _grads_finite(model):
             nan_iters += 1
             state.skipped_iterations += 1
-            print_rank_last(f"[train] iteration {state.iteration}: loss is {loss}; step skipped "
+            what = f"loss is {loss}" if bad_loss else "gradient is not finite"
+            print_rank_last(f"[train] iteration {state.iteration}: {what}; step skipped "
                             f"({nan_iters}/{args.max_skipped_nan_iters} allowed)")
             if nan_iters > args.max_skipped_nan_iters:
                 raise TrainingError(
-                    f"{nan_iters} steps with a NaN/inf loss (more than --max-skipped-nan-iters "
+                    f"{nan_iters} steps with a NaN/inf loss or gradient (more than --max-skipped-nan-iters "
                     f"{args.max_skipped_nan_iters}); stopping without saving. Lower --lr or check the data"
                 )
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()  # the skipped step's aux losses must not reach the next log
             continue
         ok, grad_norm, _ = optimizer.step()
         if ok:
@@ -470,7 +527,7 @@ def _train(args, model, optimizer, scheduler, forward_backward_func, state, trai
             elapsed = (time.perf_counter() - window_start) / max(window_iters, 1)
             tokens_per_s = args.global_batch_size * args.seq_length / elapsed
             metrics = {"lm loss": loss}
-            metrics.update(_moe_losses(args.num_layers))
+            metrics.update(_moe_losses(args.num_layers, num_microbatches))
             lr = optimizer.param_groups[0]["lr"]
             line_losses = {k: v for k, v in metrics.items() if "/" not in k}
             print_rank_last(training_line(
@@ -515,6 +572,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         pretrain(argv)
     except (CheckpointError, BAMConfigError, TrainingError, DataConfigError, TokenizerConfigError, ValueError) as exc:
-        print(f"pretrain_bam.py: error: {exc}", file=sys.stderr, flush=True)
+        # one write per line: the ranks of a torchrun job share stderr
+        sys.stderr.write(f"pretrain_bam.py: error: {exc}\n")
+        sys.stderr.flush()
         return 1
     return 0
