@@ -24,6 +24,7 @@ import torch.distributed as dist
 from bam_megatron import arguments as cli
 from bam_megatron.checkpointing import CheckpointError
 from bam_megatron.config import BAMConfigError, validate_bam_setup
+from bam_megatron.routing import RoutingRecorder
 from bam_megatron.metrics import MetricsLogger, memory_gib, print_rank_0, print_rank_last, training_line, validation_line
 
 
@@ -418,7 +419,7 @@ def _run(args) -> dict:
 
         forward_backward_func = get_forward_backward_func()
         logger = MetricsLogger(args)
-        summary: dict = {"train_losses": [], "valid": {}}
+        summary: dict = {"train_losses": [], "valid": {}, "routing": {}}
 
         def run_validation(iteration: int) -> None:
             sets = []
@@ -427,7 +428,11 @@ def _run(args) -> dict:
             sets += list(datasets.valid_sets.items())
             metrics = {}
             for name, ds in sets:
-                loss = evaluate(forward_backward_func, model, iterator(ds, cyclic=True), args, num_microbatches, device)
+                with RoutingRecorder(model, args.num_layers) as recorder:
+                    loss = evaluate(forward_backward_func, model, iterator(ds, cyclic=True), args, num_microbatches, device)
+                routing = recorder.result()  # collective: every rank
+                if name is not None and (routing["attention"] or routing["ffn"]):
+                    summary["routing"][name] = routing
                 if loss is None:
                     continue
                 print_rank_last(validation_line(iteration, loss, name))

@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 PY="$VENV/bin/python"
-if ! "$PY" -c "import torch, megatron.core, wandb, psutil, pytest, tokenizers, sentencepiece, tensorboard" >/dev/null 2>&1; then
+if ! "$PY" -c "import torch, megatron.core, wandb, psutil, pytest, tokenizers, sentencepiece, tensorboard, matplotlib" >/dev/null 2>&1; then
   echo "[setup] installing requirements into $VENV ..." >&2
   "$PY" -m pip install -q --upgrade pip >&2 || true
   if ! "$PY" -c "import torch" >/dev/null 2>&1; then
