@@ -34,12 +34,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from bam_megatron.checkpointing import EXTRA_STATE, CheckpointError, model_sharded_state_dict
 
-TRACKER = "latest_checkpointed_iteration.txt"
-FORMAT_VERSION = 1
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
+from bam_megatron.ckpt_layout import FORMAT_VERSION, TRACKER, iteration_dir  # noqa: F401
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -246,7 +241,8 @@ def load_checkpoint(
     saved_layout = common.get("layout")
     if load_rng and saved_layout != _layout():
         if dist.get_rank() == 0:
-            print(f"[checkpoint] layout changed ({saved_layout} -> {_layout()}): RNG state not restored", flush=True)
+            why = "holds no RNG state" if saved_layout is None else f"was saved at another layout ({saved_layout} -> {_layout()})"
+            print(f"[checkpoint] {ckpt_dir} {why}: RNG state not restored", flush=True)
         load_rng = False
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}

@@ -19,6 +19,13 @@ depend on the parallel layout. Homogeneous decoder layers are stored stacked: a 
 The dense ``linear_qkv`` rows are interleaved per query group ``[q (r heads) | k | v]``; the
 ``shared-kv`` split keeps that order (``linear_q`` rows: per group its r query heads;
 ``linear_kv`` rows: per group ``[k | v]``), which is what ``MixtureOfAttention`` expects.
+
+Seeds written with Transformer Engine layers name the fused norms after the following linear
+layer (``self_attention.linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``);
+``canonical_key`` maps them to ``input_layernorm`` / ``pre_mlp_layernorm``. ``tensor_rule`` says
+what happens to one key (stack / average / split); ``upcycle_tensor`` and ``upcycle_state``
+apply it to whole in-memory tensors, ``bam_megatron/upcycle_tool.py`` applies it slice by slice
+to checkpoints on disk.
 """
 
 from __future__ import annotations
@@ -38,6 +45,42 @@ MLP_FC = ("mlp.linear_fc1.", "mlp.linear_fc2.")
 EXPERTS_PREFIX = "mlp.experts.experts."
 ATTN_ROUTER_KEY = LAYER_PREFIX + "self_attention.router.weight"
 FFN_ROUTER_KEY = LAYER_PREFIX + "mlp.router.weight"
+
+# Transformer Engine fuses the norms into the following linear layer; its checkpoints name them
+# after that layer. Keys below are relative to ``decoder.layers.``.
+TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
+
+# The tensors of a dense seed the mapping knows (local-layer names). Per layer, relative to
+# ``decoder.layers.`` (global shape ``[L, ...]``):
+DENSE_LAYER_NAMES = (
+    "input_layernorm.weight",  # [L, d]
+    "input_layernorm.bias",  # [L, d] (LayerNorm)
+    "pre_mlp_layernorm.weight",  # [L, d] (sequential blocks only)
+    "pre_mlp_layernorm.bias",
+    "self_attention.linear_qkv.weight",  # [L, G(r+2)dh, d]
+    "self_attention.linear_qkv.bias",  # [L, G(r+2)dh]
+    "self_attention.linear_proj.weight",  # [L, d, H dh]
+    "self_attention.linear_proj.bias",  # [L, d]
+    "mlp.linear_fc1.weight",  # [L, F', d] (F' = 2F with SwiGLU: [gate; up])
+    "mlp.linear_fc1.bias",
+    "mlp.linear_fc2.weight",  # [L, d, F]
+    "mlp.linear_fc2.bias",
+)
+# ... and outside the layer stack:
+DENSE_GLOBAL_NAMES = (
+    "embedding.word_embeddings.weight",  # [V, d]
+    "embedding.position_embeddings.weight",  # [S, d] (learned absolute positions)
+    "decoder.final_layernorm.weight",  # [d]
+    "decoder.final_layernorm.bias",  # [d]
+    "output_layer.weight",  # [V, d] (untied embeddings)
+)
+
+STACK, AVERAGE, SPLIT_QKV = "stack", "average", "split_qkv"
 
 
 @dataclass(frozen=True)
@@ -93,6 +136,92 @@ def split_qkv(qkv: torch.Tensor, shape: AttentionShape) -> Tuple[torch.Tensor, t
     return q, kv
 
 
+def canonical_key(key: str) -> str:
+    """The local-layer name of a seed key (Transformer Engine's fused-norm names mapped to
+    ``input_layernorm`` / ``pre_mlp_layernorm``); other keys are returned unchanged."""
+    if key.startswith(LAYER_PREFIX):
+        name = key[len(LAYER_PREFIX) :]
+        if name in TE_NORM_NAMES:
+            return LAYER_PREFIX + TE_NORM_NAMES[name]
+    return key
+
+
+def is_dense_key(key: str) -> bool:
+    """True for the (canonical) keys of a dense seed that the mapping knows."""
+    if key.startswith(LAYER_PREFIX):
+        return key[len(LAYER_PREFIX) :] in DENSE_LAYER_NAMES
+    return key in DENSE_GLOBAL_NAMES
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the Mix phase does with one seed key.
+
+    ``kind``:
+        ``stack``: seed ``i``'s tensor becomes expert ``i`` of ``outputs[0]`` (expert axis after
+        the layer axis).
+        ``average``: the (weighted) mean of the seeds' tensors becomes ``outputs[0]``.
+        ``split_qkv``: the query rows of seed ``i`` become expert ``i`` of ``outputs[0]``
+        (``linear_q``), the mean of the seeds' key/value rows becomes ``outputs[1]``
+        (``linear_kv``).
+    """
+
+    kind: str
+    outputs: Tuple[str, ...]
+
+
+def tensor_rule(key: str, mode: str) -> Rule:
+    """The rule for the (canonical) seed ``key`` in ``mode`` (see the module table)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    layered = key.startswith(LAYER_PREFIX)
+    name = key[len(LAYER_PREFIX) :] if layered else key
+    if layered and name.startswith(ATTN_QKV) and mode != "merged":
+        if mode == "full":
+            return Rule(STACK, (key,))
+        suffix = name[len(ATTN_QKV) :]
+        return Rule(
+            SPLIT_QKV,
+            (f"{LAYER_PREFIX}self_attention.linear_q.{suffix}", f"{LAYER_PREFIX}self_attention.linear_kv.{suffix}"),
+        )
+    if layered and name.startswith(ATTN_PROJ) and mode != "merged":
+        return Rule(STACK, (key,))
+    if layered:
+        for fc in MLP_FC:
+            if name.startswith(fc):
+                return Rule(STACK, (LAYER_PREFIX + EXPERTS_PREFIX + name[len("mlp.") :],))
+    return Rule(AVERAGE, (key,))
+
+
+def upcycled_shapes(
+    key: str, shape: Sequence[int], num_experts: int, mode: str, attn: AttentionShape
+) -> Dict[str, Tuple[int, ...]]:
+    """Global shapes of the BAM tensors made from the seed tensor ``key`` of global ``shape``.
+
+    A stacked ``[L, ...]`` tensor becomes ``[L, N, ...]`` (``[N, ...]`` outside the layer stack);
+    ``split_qkv`` gives ``linear_q [L, N, G·r·dh, d]`` and ``linear_kv [L, G·2·dh, d]``.
+    """
+    rule = tensor_rule(key, mode)
+    shape = tuple(int(x) for x in shape)
+    layered = key.startswith(LAYER_PREFIX)
+
+    def stacked(s):
+        return (s[0], num_experts) + s[1:] if layered else (num_experts,) + s
+
+    if rule.kind == STACK:
+        return {rule.outputs[0]: stacked(shape)}
+    if rule.kind == SPLIT_QKV:
+        g, r, dh = attn.num_query_groups, attn.heads_per_group, attn.head_dim
+        lead, rows, rest = shape[:-2], shape[-2], shape[-1:]
+        if rows != g * (r + 2) * dh:
+            raise ValueError(f"{key} has {rows} rows, expected {g * (r + 2) * dh}")
+        return {
+            rule.outputs[0]: stacked(lead + (g * r * dh,) + rest),
+            rule.outputs[1]: lead + (g * 2 * dh,) + rest,
+        }
+    return {rule.outputs[0]: shape}
+
+
 def upcycle_tensor(
     key: str,
     seeds: Sequence[torch.Tensor],
@@ -106,26 +235,14 @@ def upcycle_tensor(
     Returns:
         ``{bam_key: tensor}`` — one entry, or two for ``shared-kv`` attention.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    rule = tensor_rule(key, mode)
     layered = key.startswith(LAYER_PREFIX)
-    name = key[len(LAYER_PREFIX) :] if layered else key
-    if name.startswith(ATTN_QKV) and mode != "merged":
-        if mode == "full":
-            return {key: stack_experts(seeds, layered)}
+    if rule.kind == STACK:
+        return {rule.outputs[0]: stack_experts(seeds, layered)}
+    if rule.kind == SPLIT_QKV:
         qs, kvs = zip(*(split_qkv(t, shape) for t in seeds))
-        suffix = name[len(ATTN_QKV) :]
-        return {
-            f"{LAYER_PREFIX}self_attention.linear_q.{suffix}": stack_experts(qs, layered),
-            f"{LAYER_PREFIX}self_attention.linear_kv.{suffix}": average(kvs, weights),
-        }
-    if name.startswith(ATTN_PROJ) and mode != "merged":
-        return {key: stack_experts(seeds, layered)}
-    for fc in MLP_FC:
-        if name.startswith(fc):
-            new_key = LAYER_PREFIX + EXPERTS_PREFIX + name[len("mlp.") :]
-            return {new_key: stack_experts(seeds, layered)}
-    return {key: average(seeds, weights)}
+        return {rule.outputs[0]: stack_experts(qs, layered), rule.outputs[1]: average(kvs, weights)}
+    return {rule.outputs[0]: average(seeds, weights)}
 
 
 def new_router(
