@@ -217,6 +217,10 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     _check(parser, args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if not args.skip_train and args.lr_decay_style != "constant":
+        _check(parser, args.lr_warmup_iters < args.lr_decay_iters,
+               f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+               f"{args.lr_decay_iters} (default --train-iters)")
     sources = sum(bool(x) for x in (args.data_path, args.mock_data))
     _check(parser, sources == 1 or (args.skip_train and args.valid_data_path),
            "give exactly one of --data-path and --mock-data (or --skip-train with --valid-data-path)")

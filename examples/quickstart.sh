@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Branch-Attend-Mix end to end on the bundled sample corpus (data/): CPU-sized by default.
+#
+#   1. preprocess   data/*.jsonl -> Megatron indexed datasets (bundled BPE tokenizer)
+#   2. seed         pre-train a dense parallel-block model on general text (+ a little of each domain)
+#   3. branch       continue the seed on each domain (+10% general English) at a lower LR
+#   4. mix          upcycle seed + experts three ways: BAM KV experts, BAM shared KV, BTX
+#   5. train        each MoE on the uniform mixture for the same number of tokens
+#   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
+#
+# Re-running resumes: a stage whose checkpoint is complete is skipped.
+#   bash examples/quickstart.sh                    # defaults: ~10 min on a 2-core CPU
+#   SCALE=gpu bash examples/quickstart.sh          # a larger configuration for one GPU
+# Environment knobs: OUT (default runs/quickstart), SEED_ITERS, BRANCH_ITERS, MOE_ITERS,
+# HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${BAM_PYTHON:-$(bash scripts/setup_env.sh)}  # BAM_PYTHON: use this interpreter as it is
+export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+OUT=${OUT:-runs/quickstart}
+if [ "${SCALE:-cpu}" = gpu ]; then
+  : "${LAYERS:=6}" "${HIDDEN:=512}" "${HEADS:=8}" "${SEQ:=512}" "${MBS:=16}" "${GBS:=32}"
+  : "${SEED_ITERS:=2000}" "${BRANCH_ITERS:=600}" "${MOE_ITERS:=600}" "${EVAL_ITERS:=20}"
+else
+  : "${LAYERS:=2}" "${HIDDEN:=128}" "${HEADS:=4}" "${SEQ:=128}" "${MBS:=16}" "${GBS:=16}"
+  : "${SEED_ITERS:=300}" "${BRANCH_ITERS:=100}" "${MOE_ITERS:=100}" "${EVAL_ITERS:=4}"
+fi
+DOMAINS=(code legal math english)
+EXPERT_DOMAINS=(code legal math)       # one expert per domain; the seed is the fourth expert
+TOK=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer/tokenizer.json)
+MODEL=(
+  --num-layers "$LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
+  --seq-length "$SEQ" --swiglu --normalization RMSNorm --position-embedding-type rope
+  --disable-bias-linear --untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0
+)
+BIN="$OUT/data"
+VALID=()
+for d in "${DOMAINS[@]}"; do VALID+=("$d:$BIN/${d}_valid_text_document"); done
+COMMON=("${TOK[@]}" --micro-batch-size "$MBS" --global-batch-size "$GBS" --weight-decay 0.1
+        --clip-grad 1.0 --log-interval 25 --eval-iters "$EVAL_ITERS" --valid-data-path "${VALID[@]}"
+        --split 100,0,0 --seed 1234)
+
+stage() { echo; echo "=== [quickstart] $* ==="; }
+done_at() { [ -f "$1/latest_checkpointed_iteration.txt" ] && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
+
+# 1. preprocess ------------------------------------------------------------------------------
+stage "1/6 preprocess data/*.jsonl -> $BIN"
+mkdir -p "$BIN"
+"$PY" - "$BIN" "${DOMAINS[@]}" <<'EOF'
+import os, sys
+sys.path.insert(0, os.getcwd())
+from tools.preprocess_data import main
+out, domains = sys.argv[1], sys.argv[2:]
+for d in domains:
+    for split in ("train", "valid"):
+        prefix = os.path.join(out, f"{d}_{split}")
+        if os.path.exists(prefix + "_text_document.idx"):
+            continue
+        main(["--input", f"data/{d}_{split}.jsonl", "--output-prefix", prefix, "--json-keys", "text",
+              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "data/tokenizer/tokenizer.json",
+              "--append-eod", "--workers", "1", "--log-interval", "100000"])  # exits non-zero on error
+print(f"[quickstart] indexed datasets in {out}")
+EOF
+train_blend() {  # weight prefix pairs for one domain + 10% general English
+  echo 0.9 "$BIN/$1_train_text_document" 0.1 "$BIN/english_train_text_document"
+}
+UNIFORM=()
+for d in "${DOMAINS[@]}"; do UNIFORM+=(0.25 "$BIN/${d}_train_text_document"); done
+
+# 2. seed -------------------------------------------------------------------------------------
+# General text with a little of every domain (the paper's seed sees general web text).
+stage "2/6 pre-train the dense seed ($SEED_ITERS steps)"
+if done_at "$OUT/seed" "$SEED_ITERS"; then echo "[quickstart] seed done, skipping"; else
+  RESUME=()
+  [ -f "$OUT/seed/latest_checkpointed_iteration.txt" ] && RESUME=(--load "$OUT/seed")
+  "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" \
+    --data-path 0.7 "$BIN/english_train_text_document" 0.1 "$BIN/code_train_text_document" \
+                0.1 "$BIN/legal_train_text_document" 0.1 "$BIN/math_train_text_document" \
+    --train-iters "$SEED_ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( SEED_ITERS / 15 )) --lr-decay-style cosine \
+    --eval-interval "$SEED_ITERS" --save "$OUT/seed" --save-interval 100 --keep-last-checkpoints 1 \
+    "${RESUME[@]}"
+fi
+
+# 3. branch -----------------------------------------------------------------------------------
+for d in "${EXPERT_DOMAINS[@]}"; do
+  stage "3/6 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
+  if done_at "$OUT/expert_$d" "$BRANCH_ITERS"; then echo "[quickstart] $d expert done, skipping"; continue; fi
+  rm -rf "$OUT/expert_$d"
+  # shellcheck disable=SC2046
+  "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" --data-path $(train_blend "$d") \
+    --load "$OUT/seed" --finetune --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 \
+    --lr-warmup-iters $(( BRANCH_ITERS / 10 )) --lr-decay-style cosine --eval-interval "$BRANCH_ITERS" \
+    --save "$OUT/expert_$d" --save-interval "$BRANCH_ITERS"
+done
+
+# 4. mix --------------------------------------------------------------------------------------
+SEEDS=("$OUT/seed")
+for d in "${EXPERT_DOMAINS[@]}"; do SEEDS+=("$OUT/expert_$d"); done
+declare -A MODE=([bam_kv_experts]=full [bam_shared_kv]=shared-kv [btx]=merged)
+for name in bam_kv_experts bam_shared_kv btx; do
+  stage "4/6 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
+  if [ -f "$OUT/upcycled_$name/latest_checkpointed_iteration.txt" ]; then echo "[quickstart] done, skipping"; continue; fi
+  "$PY" tools/upcycle_bam.py --attention-experts "${MODE[$name]}" --moe-router-topk 1 \
+    --output "$OUT/upcycled_$name" "${SEEDS[@]}"
+done
+
+# 5. train the MoE models on the uniform mixture ---------------------------------------------
+for name in bam_kv_experts bam_shared_kv btx; do
+  stage "5/6 train $name on the uniform mixture ($MOE_ITERS steps)"
+  if done_at "$OUT/$name" "$MOE_ITERS"; then echo "[quickstart] $name done, skipping"; continue; fi
+  rm -rf "$OUT/$name"
+  "$PY" pretrain_bam.py "${COMMON[@]}" --load "$OUT/upcycled_$name" --use-checkpoint-args \
+    --no-load-optim --no-load-rng --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" \
+    --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters $(( MOE_ITERS / 10 )) --lr-decay-style cosine \
+    --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --eval-interval "$MOE_ITERS" \
+    --save "$OUT/$name" --save-interval "$MOE_ITERS"
+done
+
+# 6. evaluate ---------------------------------------------------------------------------------
+stage "6/6 evaluate: per-domain perplexity"
+"$PY" tools/evaluate_bam.py \
+  --model "seed=$OUT/seed" \
+  --model "code expert=$OUT/expert_code" --model "legal expert=$OUT/expert_legal" \
+  --model "math expert=$OUT/expert_math" \
+  --model "BTX=$OUT/btx" --model "BAM shared KV=$OUT/bam_shared_kv" --model "BAM KV experts=$OUT/bam_kv_experts" \
+  --valid-data-path "${VALID[@]}" "${TOK[@]}" --eval-iters "$EVAL_ITERS" --micro-batch-size "$MBS" \
+  --global-batch-size "$GBS" --out-dir "$OUT/results" --routing
+echo
+echo "[quickstart] results: $OUT/results/results.md, routing heatmaps in $OUT/results/routing/"
