@@ -67,22 +67,26 @@ class RoutingRecorder:
             h.remove()
         self._handles.clear()
 
+    @staticmethod
+    def _reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce on the device the process group communicates on (NCCL: the GPU)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+        t = t.to(device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
     def _all_reduce(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         # Ranks without a kind of expert contribute nothing; agree on the shape first.
-        width = torch.tensor([0 if t is None else t.shape[1]], dtype=torch.int64)
-        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        width = self._reduce(torch.tensor([0 if t is None else t.shape[1]], dtype=torch.int64), dist.ReduceOp.MAX)
         if width.item() == 0:
             return None
         if t is None:
             t = torch.zeros(self.num_layers, int(width.item()), dtype=torch.float64)
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+        return self._reduce(t.clone())
 
     def result(self) -> Dict[str, Optional[List[List[float]]]]:
         attn = self._all_reduce(self._attn_sum)
-        count = self._attn_count.clone()
-        dist.all_reduce(count)
+        count = self._reduce(self._attn_count.clone())
         ffn = self._all_reduce(self._ffn)
         out: Dict[str, Optional[List[List[float]]]] = {"attention": None, "ffn": None}
         if attn is not None:
