@@ -20,7 +20,7 @@ def _grads(cfg, bam, state=None):
     if state is not None:
         model.load_state_dict(state)
     tokens, position_ids, labels = batch(2, seed=11)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # the shape the schedules use
     clear_aux_losses_tracker()
     loss = model(tokens, position_ids, None, labels=labels).mean()
     loss.backward()
