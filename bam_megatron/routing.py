@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bam_megatron.distributed import get_device
+
 
 class RoutingRecorder:
     """Context manager collecting routing statistics of ``model`` (a list of model chunks).
@@ -70,8 +72,7 @@ class RoutingRecorder:
     @staticmethod
     def _reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """All-reduce on the device the process group communicates on (NCCL: the GPU)."""
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
-        t = t.to(device)
+        t = t.to(get_device())
         dist.all_reduce(t, op=op)
         return t.cpu()
 

@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from bam_megatron.checkpointing import EXTRA_STATE, CheckpointError, model_sharded_state_dict
+from bam_megatron.distributed import get_device
 
 from bam_megatron.ckpt_layout import FORMAT_VERSION, TRACKER, iteration_dir  # noqa: F401
 
@@ -261,7 +262,7 @@ def load_checkpoint(
     absent = sorted(k for k in unexpected if EXTRA_STATE not in k and k != "rng_state")
     # "unexpected" differs between ranks: all of them stop, not only those that saw it
     flag = torch.tensor([float(len(absent))],
-                        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+                        device=get_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:
         what = f"has no tensor {absent[0]!r} ({len(absent)} missing)" if absent else "lacks tensors of this model"

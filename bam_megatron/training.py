@@ -24,6 +24,7 @@ import torch.distributed as dist
 from bam_megatron import arguments as cli
 from bam_megatron.checkpointing import CheckpointError
 from bam_megatron.config import BAMConfigError, validate_bam_setup
+from bam_megatron.distributed import get_device
 from bam_megatron.routing import RoutingRecorder
 from bam_megatron.metrics import MetricsLogger, memory_gib, print_rank_0, print_rank_last, training_line, validation_line
 
@@ -177,7 +178,7 @@ def _reduce_losses(losses: List[dict]) -> Optional[float]:
         stacked = torch.stack([d["lm loss"].float() for d in losses])
         value[0] = stacked.sum().item() / ps.get_tensor_model_parallel_world_size()
         value[1] = len(losses) / ps.get_tensor_model_parallel_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = get_device()
     value = value.to(device)
     dist.all_reduce(value)  # every rank of the last stage holds the same per-TP loss
     return (value[0] / value[1]).item() if value[1] > 0 else None
@@ -189,7 +190,7 @@ def _grads_finite(model) -> bool:
     The fp32 optimizer applies whatever it gets (a NaN gradient norm turns every weight into
     NaN), so a step with a NaN/inf gradient must be skipped before ``optimizer.step()``. A sum is
     NaN/inf when any element is, without a temporary the size of the gradients."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = get_device()
     sums = [
         buffer.grad_data.sum(dtype=torch.float32).to(device)
         for m in model
