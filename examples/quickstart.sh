@@ -9,7 +9,7 @@
 #   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
 #
 # Re-running resumes: a stage whose checkpoint is complete is skipped.
-#   bash examples/quickstart.sh                    # defaults: ~10 min on a 2-core CPU
+#   bash examples/quickstart.sh                    # defaults: ~5 min on a 2-core CPU
 #   SCALE=gpu bash examples/quickstart.sh          # a larger configuration for one GPU
 # Environment knobs: OUT (default runs/quickstart), SEED_ITERS, BRANCH_ITERS, MOE_ITERS,
 # HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS.
