@@ -109,22 +109,6 @@ def _args_dict(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
-def _router_load_hooks(model) -> Dict[int, torch.Tensor]:
-    """Count tokens per FFN expert per layer (``{layer_number: counts}``) from megatron's routers."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    counts: Dict[int, torch.Tensor] = {}
-    for m in model:
-        for module in m.modules():
-            if isinstance(module, TopKRouter):
-                def hook(mod, _inputs, output):
-                    routing_map = output[1]
-                    n = routing_map.sum(dim=0).detach().float()
-                    counts[mod.layer_number] = counts.get(mod.layer_number, 0) + n
-                module.register_forward_hook(hook)
-    return counts
-
-
 # ------------------------------------------------------------------------------------ steps
 
 
@@ -233,21 +217,14 @@ def _moe_losses(num_layers: int, num_microbatches: int) -> Dict[str, float]:
     return out
 
 
-def _routing_metrics(model, ffn_counts: Dict[int, torch.Tensor]) -> Dict[str, float]:
-    """Attention-router weights and FFN expert load (fractions), per layer and expert."""
-    from bam_megatron.moa import MixtureOfAttention
-
+def _routing_metrics(routing: dict) -> Dict[str, float]:
+    """``RoutingRecorder.result()`` as flat log metrics: attention-router weights and FFN expert
+    load (fractions) per layer and expert."""
     out = {}
-    for m in model:
-        for module in m.modules():
-            if isinstance(module, MixtureOfAttention) and module.last_router_mean is not None:
-                for e, w in enumerate(module.last_router_mean.tolist()):
-                    out[f"attn_router/layer_{module.layer_number}/expert_{e}"] = w
-    for layer, counts in ffn_counts.items():
-        total = counts.sum().clamp(min=1)
-        for e, c in enumerate((counts / total).tolist()):
-            out[f"ffn_load/layer_{layer}/expert_{e}"] = c
-    ffn_counts.clear()
+    for kind, prefix in (("attention", "attn_router"), ("ffn", "ffn_load")):
+        for layer, row in enumerate(routing[kind] or [], start=1):
+            for e, value in enumerate(row):
+                out[f"{prefix}/layer_{layer}/expert_{e}"] = value
     return out
 
 
@@ -471,7 +448,8 @@ def _train(args, model, optimizer, scheduler, forward_backward_func, state, trai
            num_microbatches, device, logger, summary, run_validation, save_checkpoint, fpt):
     from megatron.core import parallel_state as ps
 
-    ffn_counts = _router_load_hooks(model)
+    # Routing statistics of the training steps since the last log line (not of evaluations).
+    recorder = RoutingRecorder(model, args.num_layers)
     args_dict = _args_dict(args)
     world = dist.get_world_size()
     nan_iters = 0
@@ -491,15 +469,16 @@ def _train(args, model, optimizer, scheduler, forward_backward_func, state, trai
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = forward_backward_func(
-            forward_step_func=partial(_forward_step, device),
-            data_iterator=train_iter,
-            model=model,
-            num_microbatches=num_microbatches,
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            forward_only=False,
-        )
+        with recorder:
+            losses = forward_backward_func(
+                forward_step_func=partial(_forward_step, device),
+                data_iterator=train_iter,
+                model=model,
+                num_microbatches=num_microbatches,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                forward_only=False,
+            )
         loss = _reduce_losses(losses)
         state.consumed_train_samples += args.global_batch_size
         state.iteration += 1
@@ -544,7 +523,8 @@ def _train(args, model, optimizer, scheduler, forward_backward_func, state, trai
                 grad_norm=grad_norm, skipped=state.skipped_iterations, nan_iters=nan_iters,
                 memory=memory_gib(device),
             ))
-            metrics.update(_routing_metrics(model, ffn_counts))
+            metrics.update(_routing_metrics(recorder.result()))  # collective: every rank logs here
+            recorder = RoutingRecorder(model, args.num_layers)
             metrics.update({
                 "learning-rate": lr, "grad-norm": grad_norm if grad_norm is not None else float("nan"),
                 "throughput/tokens_per_s": tokens_per_s, "iteration-time-ms": elapsed * 1e3,
