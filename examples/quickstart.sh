@@ -8,27 +8,36 @@
 #   5. train        each MoE on the uniform mixture for the same number of tokens
 #   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
 #
-# Re-running resumes: a stage whose checkpoint is complete is skipped.
+# Re-running resumes: a finished stage is skipped, one stopped part-way continues from its last
+# checkpoint (saved every 100 steps).
 #   bash examples/quickstart.sh                    # defaults: ~5 min on a 2-core CPU
-#   SCALE=gpu bash examples/quickstart.sh          # a larger configuration for one GPU
-# Environment knobs: OUT (default runs/quickstart), SEED_ITERS, BRANCH_ITERS, MOE_ITERS,
-# HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS.
+#   SCALE=gpu DATA=runs/data_large bash examples/quickstart.sh   # one GPU, ~10 min on an H100
+#     (runs/data_large: python tools/build_sample_data.py --out runs/data_large --train-bytes 4000000)
+# Environment knobs: OUT (default runs/quickstart), DATA (a corpus folder in the layout of data/,
+# e.g. a larger one from tools/build_sample_data.py --train-bytes), SEED_ITERS, BRANCH_ITERS,
+# MOE_ITERS, HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${BAM_PYTHON:-$(bash scripts/setup_env.sh)}  # BAM_PYTHON: use this interpreter as it is
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 OUT=${OUT:-runs/quickstart}
+DATA=${DATA:-data}
 if [ "${SCALE:-cpu}" = gpu ]; then
   : "${LAYERS:=6}" "${HIDDEN:=512}" "${HEADS:=8}" "${SEQ:=512}" "${MBS:=16}" "${GBS:=32}"
-  : "${SEED_ITERS:=2000}" "${BRANCH_ITERS:=600}" "${MOE_ITERS:=600}" "${EVAL_ITERS:=20}"
+  : "${SEED_ITERS:=600}" "${BRANCH_ITERS:=200}" "${MOE_ITERS:=300}" "${EVAL_ITERS:=8}"
+  if [ "$DATA" = data ]; then
+    echo "[quickstart] note: the bundled corpus (~1.6M tokens) is repeated many times at this scale;" \
+         "for a meaningful comparison build a larger one: python tools/build_sample_data.py" \
+         "--out runs/data_large --train-bytes 4000000, then DATA=runs/data_large" >&2
+  fi
 else
   : "${LAYERS:=2}" "${HIDDEN:=128}" "${HEADS:=4}" "${SEQ:=128}" "${MBS:=16}" "${GBS:=16}"
   : "${SEED_ITERS:=300}" "${BRANCH_ITERS:=100}" "${MOE_ITERS:=100}" "${EVAL_ITERS:=4}"
 fi
 DOMAINS=(code legal math english)
 EXPERT_DOMAINS=(code legal math)       # one expert per domain; the seed is the fourth expert
-TOK=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer/tokenizer.json)
+TOK=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$DATA/tokenizer/tokenizer.json")
 MODEL=(
   --num-layers "$LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
   --seq-length "$SEQ" --swiglu --normalization RMSNorm --position-embedding-type rope
@@ -45,20 +54,20 @@ stage() { echo; echo "=== [quickstart] $* ==="; }
 done_at() { [ -f "$1/latest_checkpointed_iteration.txt" ] && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
 
 # 1. preprocess ------------------------------------------------------------------------------
-stage "1/6 preprocess data/*.jsonl -> $BIN"
+stage "1/6 preprocess $DATA/*.jsonl -> $BIN"
 mkdir -p "$BIN"
-"$PY" - "$BIN" "${DOMAINS[@]}" <<'EOF'
+"$PY" - "$DATA" "$BIN" "${DOMAINS[@]}" <<'EOF'
 import os, sys
 sys.path.insert(0, os.getcwd())
 from tools.preprocess_data import main
-out, domains = sys.argv[1], sys.argv[2:]
+data, out, domains = sys.argv[1], sys.argv[2], sys.argv[3:]
 for d in domains:
     for split in ("train", "valid"):
         prefix = os.path.join(out, f"{d}_{split}")
         if os.path.exists(prefix + "_text_document.idx"):
             continue
-        main(["--input", f"data/{d}_{split}.jsonl", "--output-prefix", prefix, "--json-keys", "text",
-              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "data/tokenizer/tokenizer.json",
+        main(["--input", f"{data}/{d}_{split}.jsonl", "--output-prefix", prefix, "--json-keys", "text",
+              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", f"{data}/tokenizer/tokenizer.json",
               "--append-eod", "--workers", "1", "--log-interval", "100000"])  # exits non-zero on error
 print(f"[quickstart] indexed datasets in {out}")
 EOF
@@ -86,12 +95,13 @@ fi
 for d in "${EXPERT_DOMAINS[@]}"; do
   stage "3/6 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
   if done_at "$OUT/expert_$d" "$BRANCH_ITERS"; then echo "[quickstart] $d expert done, skipping"; continue; fi
-  rm -rf "$OUT/expert_$d"
+  START=(--load "$OUT/seed" --finetune)  # a stage stopped part-way resumes from its last checkpoint
+  [ -f "$OUT/expert_$d/latest_checkpointed_iteration.txt" ] && START=(--load "$OUT/expert_$d")
   # shellcheck disable=SC2046
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" --data-path $(train_blend "$d") \
-    --load "$OUT/seed" --finetune --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 \
+    "${START[@]}" --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 \
     --lr-warmup-iters $(( BRANCH_ITERS / 10 )) --lr-decay-style cosine --eval-interval "$BRANCH_ITERS" \
-    --save "$OUT/expert_$d" --save-interval "$BRANCH_ITERS"
+    --save "$OUT/expert_$d" --save-interval 100 --keep-last-checkpoints 1
 done
 
 # 4. mix --------------------------------------------------------------------------------------
@@ -109,12 +119,13 @@ done
 for name in bam_kv_experts bam_shared_kv btx; do
   stage "5/6 train $name on the uniform mixture ($MOE_ITERS steps)"
   if done_at "$OUT/$name" "$MOE_ITERS"; then echo "[quickstart] $name done, skipping"; continue; fi
-  rm -rf "$OUT/$name"
-  "$PY" pretrain_bam.py "${COMMON[@]}" --load "$OUT/upcycled_$name" --use-checkpoint-args \
-    --no-load-optim --no-load-rng --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" \
+  START=(--load "$OUT/upcycled_$name" --no-load-optim --no-load-rng)
+  [ -f "$OUT/$name/latest_checkpointed_iteration.txt" ] && START=(--load "$OUT/$name")
+  "$PY" pretrain_bam.py "${COMMON[@]}" "${START[@]}" --use-checkpoint-args \
+    --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" \
     --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters $(( MOE_ITERS / 10 )) --lr-decay-style cosine \
     --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --eval-interval "$MOE_ITERS" \
-    --save "$OUT/$name" --save-interval "$MOE_ITERS"
+    --save "$OUT/$name" --save-interval 100 --keep-last-checkpoints 1
 done
 
 # 6. evaluate ---------------------------------------------------------------------------------

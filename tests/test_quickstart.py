@@ -57,3 +57,13 @@ def test_quickstart_pipeline(tmp_path):
     again = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipping") >= 10
+
+    # A stage that stopped part-way continues from its own last checkpoint (here: the mixing stage
+    # asked for more steps than its checkpoints hold), keeping its trained weights.
+    more = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=dict(env, MOE_ITERS="8"),
+                          capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    for name in ("bam_kv_experts", "bam_shared_kv", "btx"):
+        assert f"loaded {out / name}/iter_0000006 at iteration 6" in more.stdout, name
+        assert read_common(resolve_load_dir(str(out / name)))["iteration"] == 8, name
+    assert more.stdout.count("skipping") >= 7  # seed, experts and mixes are not redone
