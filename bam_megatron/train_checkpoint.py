@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from bam_megatron import optimizer_state
 from bam_megatron.checkpointing import EXTRA_STATE, CheckpointError, model_sharded_state_dict
 from bam_megatron.distributed import get_device
 
@@ -111,16 +112,9 @@ def _layout() -> Dict[str, int]:
 
 
 def _rng_sharded_object() -> ShardedObject:
-    """Every rank's RNG, one shard per (pp, tp, ep, dp) rank."""
-    ranks = (
-        parallel_state.get_pipeline_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_expert_model_parallel_rank(),
-        parallel_state.get_data_parallel_rank(),
-    )
-    lay = _layout()
-    shape = (lay["pp"], lay["tp"], lay["ep"], lay["dp"])
-    return ShardedObject("rng_state", _rng_state(), shape, ranks, replica_id=0)
+    """Every rank's RNG, one shard per global rank (expert- and data-parallel ranks overlap, so
+    the parallel ranks do not index the processes); restored only at the same layout."""
+    return ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
 # ------------------------------------------------------------------------------------ save
@@ -165,7 +159,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
     }
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False)
+        sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False)
     if scheduler is not None:
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(sharded, tmp)
@@ -201,28 +195,6 @@ def _delete_old(root: str, keep_last: int, newest: int) -> None:
 # ------------------------------------------------------------------------------------ load
 
 
-def _check_optimizer_parts(common: dict, optimizer, ckpt_dir: str) -> None:
-    """The saved optimizer state must have the structure of ``optimizer``.
-
-    megatron-core's ``get_megatron_optimizer`` puts expert parameters into an optimizer of their
-    own only when --expert-model-parallel-size > 1 (a chain of two); the state of one optimizer
-    and of a chain of two cannot be loaded into each other (megatron-core fails deep inside
-    ``dist_checkpointing.load`` with "Different dict keys encountered")."""
-    saved = common.get("optimizer")
-    if not isinstance(saved, dict):
-        return
-    saved_parts = 1 if ("state" in saved or "param_groups" in saved) else len(saved)
-    parts = len(getattr(optimizer, "chained_optimizers", [optimizer]))
-    if saved_parts != parts:
-        saved_ep = (common.get("layout") or {}).get("ep", "?")
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} holds the state of {saved_parts} optimizer(s) (saved at "
-            f"--expert-model-parallel-size {saved_ep}), this layout uses {parts} (expert parameters get "
-            f"an optimizer of their own only when --expert-model-parallel-size > 1), and optimizer state "
-            "cannot move between the two; add --no-load-optim to load the weights with a fresh optimizer"
-        )
-
-
 def load_checkpoint(
     ckpt_dir: str,
     model: List[torch.nn.Module],
@@ -247,10 +219,11 @@ def load_checkpoint(
         load_rng = False
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
-    has_optim = any(k.startswith("optimizer") for k in dist_checkpointing.load_tensors_metadata(ckpt_dir))
+    has_optim = bool(optimizer_state.saved_parts(common))  # a chain's tensors are "chained_<i>.optimizer..."
     if load_optim and optimizer is not None and has_optim:
-        _check_optimizer_parts(common, optimizer, ckpt_dir)
-        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        sharding = optimizer_state.check_loadable(common, optimizer, _layout(), ckpt_dir)
+        optimizer_state.prepare_for_load(optimizer)
+        sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True, sharding=sharding)
     elif load_optim and optimizer is not None and dist.get_rank() == 0:
         print(f"[checkpoint] {ckpt_dir} has no optimizer state: starting the optimizer fresh", flush=True)
     if load_rng:
@@ -279,7 +252,9 @@ def load_checkpoint(
     # ``loaded`` also holds the checkpoint's non-tensor state (its "optimizer" part too): only
     # what was asked for goes back in
     if "optimizer" in sharded:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_state.restore_adam_steps(optimizer)
     if "rng_state" in sharded:
         if "rng_state" in unexpected:
             if dist.get_rank() == 0:

@@ -417,6 +417,46 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert not [name for name in os.listdir(ckpt) if name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("layout,optim", [("dp2", "distributed"), ("ep2", "distributed"), ("ep2", "plain")])
+def test_two_process_run_resumes_exactly(layout, optim, tmp_path, capsys):
+    """Two processes (data parallel, or EP2 with its chain of a dense and an expert optimizer;
+    plain or --use-distributed-optimizer with Adam moments sharded over data-parallel ranks): an
+    8-step run saves at step 4; resuming from that checkpoint gives the same losses 5-8 (exact on
+    CPU). Distributed-optimizer state saved at DP2 also resumes in one process (DP1); at another
+    TP size, or into the plain optimizer, it is refused with one line naming --no-load-optim."""
+    n, k = 8, 4
+    argv = TINY + NO_DROPOUT + BAM + MOCK + ["--train-iters", str(n)] + LAYOUTS.get(layout, [])
+    if optim == "distributed":
+        argv.append("--use-distributed-optimizer")
+    ckpt = str(tmp_path / "ckpt")
+    reference = train_log(torchrun(argv + ["--save", ckpt, "--save-interval", str(k)]))
+    assert sorted(reference) == list(range(1, n + 1))
+    half = os.path.join(ckpt, f"iter_{k:07d}")
+
+    out = torchrun(argv + ["--load", half])
+    assert "starting the optimizer fresh" not in out
+    resumed = train_log(out)
+    assert sorted(resumed) == list(range(k + 1, n + 1))
+    for it in resumed:
+        assert resumed[it] == pytest.approx(reference[it], rel=1e-6), it
+    if layout != "dp2":
+        return
+
+    one = training.pretrain(argv + ["--load", half])  # DP1: the DP2 shards gathered
+    for it, loss in enumerate(one["train_losses"], start=k + 1):
+        assert loss == pytest.approx(reference[it], rel=1e-4), it
+
+    proc = torchrun(argv + LAYOUTS["tp2"] + ["--load", half], check=False)
+    assert proc.returncode != 0 and train_log(proc.stdout) == {}
+    lines = error_lines(proc.stderr)
+    assert lines and all("distributed-optimizer state saved at TP 1" in line and "--no-load-optim" in line
+                         for line in lines), proc.stderr
+    plain = [a for a in argv if a != "--use-distributed-optimizer"]
+    rc, out, err = run_main(plain + ["--load", half], capsys)
+    assert rc == 1 and train_log(out) == {}
+    assert err.count("\n") == 1 and "saved with --use-distributed-optimizer" in err and "--no-load-optim" in err
+
+
 # ------------------------------------------------------------------------------------ 4. layouts
 
 
