@@ -117,6 +117,18 @@ def _rng_sharded_object() -> ShardedObject:
     return ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
+def _has_rng_shards(ckpt_dir: str) -> bool:
+    """Whether the checkpoint holds the RNG state one shard per global rank (checkpoints of
+    earlier versions indexed it by parallel ranks)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    except Exception:  # unreadable index: the load itself reports it
+        return True
+    return f"rng_state/shard_0_{dist.get_world_size()}" in keys
+
+
 # ------------------------------------------------------------------------------------ save
 
 
@@ -216,6 +228,10 @@ def load_checkpoint(
         if dist.get_rank() == 0:
             why = "holds no RNG state" if saved_layout is None else f"was saved at another layout ({saved_layout} -> {_layout()})"
             print(f"[checkpoint] {ckpt_dir} {why}: RNG state not restored", flush=True)
+        load_rng = False
+    if load_rng and not _has_rng_shards(ckpt_dir):
+        if dist.get_rank() == 0:
+            print(f"[checkpoint] {ckpt_dir} stores its RNG state in an older layout: RNG state not restored", flush=True)
         load_rng = False
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
