@@ -51,7 +51,8 @@ COMMON=("${TOK[@]}" --micro-batch-size "$MBS" --global-batch-size "$GBS" --weigh
         --split 100,0,0 --seed 1234)
 
 stage() { echo; echo "=== [quickstart] $* ==="; }
-done_at() { [ -f "$1/latest_checkpointed_iteration.txt" ] && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
+has_ckpt() { [ -f "$1/latest_checkpointed_iteration.txt" ]; }  # a complete checkpoint, any iteration
+done_at() { has_ckpt "$1" && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
 
 # 1. preprocess ------------------------------------------------------------------------------
 stage "1/6 preprocess $DATA/*.jsonl -> $BIN"
@@ -82,7 +83,7 @@ for d in "${DOMAINS[@]}"; do UNIFORM+=(0.25 "$BIN/${d}_train_text_document"); do
 stage "2/6 pre-train the dense seed ($SEED_ITERS steps)"
 if done_at "$OUT/seed" "$SEED_ITERS"; then echo "[quickstart] seed done, skipping"; else
   RESUME=()
-  [ -f "$OUT/seed/latest_checkpointed_iteration.txt" ] && RESUME=(--load "$OUT/seed")
+  has_ckpt "$OUT/seed" && RESUME=(--load "$OUT/seed")
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" \
     --data-path 0.7 "$BIN/english_train_text_document" 0.1 "$BIN/code_train_text_document" \
                 0.1 "$BIN/legal_train_text_document" 0.1 "$BIN/math_train_text_document" \
@@ -96,7 +97,7 @@ for d in "${EXPERT_DOMAINS[@]}"; do
   stage "3/6 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
   if done_at "$OUT/expert_$d" "$BRANCH_ITERS"; then echo "[quickstart] $d expert done, skipping"; continue; fi
   START=(--load "$OUT/seed" --finetune)  # a stage stopped part-way resumes from its last checkpoint
-  [ -f "$OUT/expert_$d/latest_checkpointed_iteration.txt" ] && START=(--load "$OUT/expert_$d")
+  has_ckpt "$OUT/expert_$d" && START=(--load "$OUT/expert_$d")
   # shellcheck disable=SC2046
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" --data-path $(train_blend "$d") \
     "${START[@]}" --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 \
@@ -110,7 +111,7 @@ for d in "${EXPERT_DOMAINS[@]}"; do SEEDS+=("$OUT/expert_$d"); done
 declare -A MODE=([bam_kv_experts]=full [bam_shared_kv]=shared-kv [btx]=merged)
 for name in bam_kv_experts bam_shared_kv btx; do
   stage "4/6 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
-  if [ -f "$OUT/upcycled_$name/latest_checkpointed_iteration.txt" ]; then echo "[quickstart] done, skipping"; continue; fi
+  if has_ckpt "$OUT/upcycled_$name"; then echo "[quickstart] done, skipping"; continue; fi
   "$PY" tools/upcycle_bam.py --attention-experts "${MODE[$name]}" --moe-router-topk 1 \
     --output "$OUT/upcycled_$name" "${SEEDS[@]}"
 done
@@ -120,7 +121,7 @@ for name in bam_kv_experts bam_shared_kv btx; do
   stage "5/6 train $name on the uniform mixture ($MOE_ITERS steps)"
   if done_at "$OUT/$name" "$MOE_ITERS"; then echo "[quickstart] $name done, skipping"; continue; fi
   START=(--load "$OUT/upcycled_$name" --no-load-optim --no-load-rng)
-  [ -f "$OUT/$name/latest_checkpointed_iteration.txt" ] && START=(--load "$OUT/$name")
+  has_ckpt "$OUT/$name" && START=(--load "$OUT/$name")
   "$PY" pretrain_bam.py "${COMMON[@]}" "${START[@]}" --use-checkpoint-args \
     --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" \
     --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters $(( MOE_ITERS / 10 )) --lr-decay-style cosine \
