@@ -4,15 +4,13 @@
     python pretrain_bam.py --help
     torchrun --nproc-per-node 8 --nnodes 8 ... pretrain_bam.py --bam-attn-experts 4 ...
 
-Flags follow Megatron-LM's names; see ``bam_megatron/arguments.py``.
+Flags follow Megatron-LM's names; see ``bam_megatron/training/arguments.py``. The same program is
+installed as ``bam-pretrain``.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bam_megatron.training import main  # noqa: E402
+from bam_megatron.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

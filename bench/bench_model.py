@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -62,8 +58,8 @@ def parse_args(argv=None):
 def build(variant: str, args, gpu: bool):
     from megatron.core.transformer import TransformerConfig
 
-    from bam_megatron.config import BAMConfig
-    from bam_megatron.model import build_bam_model
+    from bam_megatron.model.build import build_bam_model
+    from bam_megatron.model.config import BAMConfig
 
     moe = {}
     if variant != "dense":
@@ -107,7 +103,7 @@ def build(variant: str, args, gpu: bool):
 
 
 def run_variant(variant: str, args, device):
-    from bam_megatron.flops import flops_per_token
+    from bam_megatron.model.flops import flops_per_token
 
     gpu = device.type == "cuda"
     model, cfg, bam = build(variant, args, gpu)
@@ -155,7 +151,7 @@ def run_variant(variant: str, args, device):
         tflops=fpt * tokens_per_s / 1e12,
         peak_gib=torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan"),
     )
-    del model
+    model = None  # freed before the next variant
     gc.collect()
     if gpu:
         torch.cuda.empty_cache()
@@ -164,7 +160,7 @@ def run_variant(variant: str, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    from bam_megatron.distributed import destroy_distributed, init_distributed
+    from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(seed=1234)
     try:

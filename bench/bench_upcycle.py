@@ -30,7 +30,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 GIB = 1024**3
 
@@ -74,7 +73,7 @@ def make_seed(path: str, args, index: int) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from bam_megatron.distributed import destroy_distributed, init_distributed
+    from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     g = torch.Generator().manual_seed(1000 + index)
@@ -182,7 +181,7 @@ def main(argv=None) -> int:
         print(f"seeds: {args.num_seeds} x {results['seed_bytes'] / GIB:.2f} GiB ({time.perf_counter() - t0:.1f} s to write)", flush=True)
 
         copy_dir = os.path.join(work, "copy")
-        base = run_with_rusage([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import bam_megatron.upcycle_tool" % ROOT])
+        base = run_with_rusage([sys.executable, "-c", "import bam_megatron.upcycle.mix"])
         results["import_seconds"] = base["seconds"]
         results["import_max_rss"] = base["max_rss"]
 

@@ -2,7 +2,7 @@
 
     python bench/check_gpu.py
 
-1. compiled RoPE (``bam_megatron.rope``) == megatron-core's RoPE, forward and backward;
+1. compiled RoPE (``bam_megatron.model.rope``) == megatron-core's RoPE, forward and backward;
 2. ``GroupedGemmExperts`` (grouped GEMM) == ``SequentialMLP`` (per-expert loop), bf16;
 3. the fused MoA on GPU (bf16, SDPA flash/cuDNN) == the same module on CPU (fp32).
 Exits non-zero on the first mismatch.
@@ -10,10 +10,7 @@ Exits non-zero on the first mismatch.
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -27,35 +24,13 @@ def close(name, a, b, atol, rtol):
         sys.exit(1)
 
 
-def main():
+def check_rope(cfg, dev, s, b, freqs):
+    """Both bf16 RoPE paths against an fp32 reference: the fused kernel must be at least as
+    accurate as megatron-core's."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from bam_megatron.config import BAMConfig
-    from bam_megatron.distributed import destroy_distributed, init_distributed
-    from bam_megatron.experts import GroupedGemmExperts
-    from bam_megatron.moa import MixtureOfAttention
-    from bam_megatron.rope import apply_rope
+    from bam_megatron.model.rope import apply_rope
 
-    info = init_distributed(seed=3)
-    dev = info.device
-    assert dev.type == "cuda", "run this on a GPU machine"
-    cfg = TransformerConfig(
-        num_layers=1, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, bf16=True,
-        params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
-        num_moe_experts=4, moe_router_topk=1, moe_router_pre_softmax=True, normalization="RMSNorm",
-    )
-    s, b = 256, 2
-    freqs = RotaryEmbedding(kv_channels=32, rotary_percent=1.0)(s).to(dev)
-
-    # 1. RoPE
-    # Both bf16 paths against an fp32 reference: the fused kernel must be at least as accurate.
     t = torch.randn(s, b, 16, 32, device=dev, dtype=torch.bfloat16, requires_grad=True)
     t2 = t.detach().clone().requires_grad_()
     t32 = t.detach().float().requires_grad_()
@@ -71,6 +46,34 @@ def main():
         print(f"{'ok  ' if ok else 'FAIL'} rope {name}: max err vs fp32 {err_ours:.2e} (megatron bf16: {err_megatron:.2e})")
         if not ok:
             sys.exit(1)
+
+
+def main():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from bam_megatron.model.config import BAMConfig
+    from bam_megatron.model.experts import GroupedGemmExperts
+    from bam_megatron.model.moa import MixtureOfAttention
+    from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
+
+    info = init_distributed(seed=3)
+    dev = info.device
+    assert dev.type == "cuda", "run this on a GPU machine"
+    cfg = TransformerConfig(
+        num_layers=1, hidden_size=256, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=512,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, bf16=True,
+        params_dtype=torch.bfloat16, hidden_dropout=0.0, attention_dropout=0.0,
+        num_moe_experts=4, moe_router_topk=1, moe_router_pre_softmax=True, normalization="RMSNorm",
+    )
+    s, b = 256, 2
+    freqs = RotaryEmbedding(kv_channels=32, rotary_percent=1.0)(s).to(dev)
+
+    check_rope(cfg, dev, s, b, freqs)
 
     # 2. grouped experts vs loop (same weights)
     sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)

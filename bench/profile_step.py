@@ -5,15 +5,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-
 import bench_model  # noqa: E402
+import torch  # noqa: E402
 
 
 def main():
@@ -24,7 +19,7 @@ def main():
         variant = argv[i + 1]
         del argv[i : i + 2]
     args = bench_model.parse_args(argv)
-    from bam_megatron.distributed import destroy_distributed, init_distributed
+    from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(seed=1)
     device = info.device

@@ -59,15 +59,14 @@ stage "1/6 preprocess $DATA/*.jsonl -> $BIN"
 mkdir -p "$BIN"
 "$PY" - "$DATA" "$BIN" "${DOMAINS[@]}" <<'EOF'
 import os, sys
-sys.path.insert(0, os.getcwd())
-from tools.preprocess_data import main
+from bam_megatron.cli.preprocess import preprocess
 data, out, domains = sys.argv[1], sys.argv[2], sys.argv[3:]
 for d in domains:
     for split in ("train", "valid"):
         prefix = os.path.join(out, f"{d}_{split}")
         if os.path.exists(prefix + "_text_document.idx"):
             continue
-        main(["--input", f"{data}/{d}_{split}.jsonl", "--output-prefix", prefix, "--json-keys", "text",
+        preprocess(["--input", f"{data}/{d}_{split}.jsonl", "--output-prefix", prefix, "--json-keys", "text",
               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", f"{data}/tokenizer/tokenizer.json",
               "--append-eod", "--workers", "1", "--log-interval", "100000"])  # exits non-zero on error
 print(f"[quickstart] indexed datasets in {out}")

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Set up the environment (once) and run the test suite (CPU + gloo; about 10 minutes on 2 cores).
+# Set up the environment (once) and run the checks: ruff, then the test suite (CPU + gloo).
+#   bash scripts/run_tests.sh                   # everything (what CI runs; ~10 min on 2 cores)
+#   bash scripts/run_tests.sh -m "not slow"     # the quick tier (a few minutes)
+#   bash scripts/run_tests.sh tests/unit        # any pytest arguments
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=$(bash scripts/setup_env.sh)
+PY=$(bash scripts/setup_env.sh test)
 export WANDB_MODE=offline PYTHONWARNINGS=ignore
-exec "$PY" -m pytest -q -p no:cacheprovider tests "$@"
+"$PY" -m ruff check --quiet .
+exec "$PY" -m pytest -q "$@"

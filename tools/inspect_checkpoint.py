@@ -1,52 +1,13 @@
 #!/usr/bin/env python
-"""Show what a torch_dist checkpoint holds, without loading its tensors.
+"""Show what a torch_dist checkpoint holds, without loading its tensors; see bam_megatron/cli/inspect_checkpoint.py.
 
-    python tools/inspect_checkpoint.py ckpt/bam            # readable text
-    python tools/inspect_checkpoint.py ckpt/bam --json     # for scripts
-
-Lists the model tensors (global shape, dtype), the iteration, whether optimizer / RNG state is
-present, the recorded arguments and the expert layout: attention experts and KV mode, FFN
-experts and routers, per layer. Works on checkpoints of ``pretrain_bam.py``, of
-``tools/upcycle_bam.py`` and on Megatron-LM GPT torch_dist checkpoints (a checkpoint root with
-its tracker, or one ``iter_*`` directory).
+The program lives in the installed package (``pip install -e .``); this file keeps Megatron-LM's
+familiar ``tools/inspect_checkpoint.py`` name.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
-import warnings
-from typing import List, Optional
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from bam_megatron.upcycle_tool import UpcycleError, format_inspection, inspect_checkpoint  # noqa: E402
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("checkpoint", help="Checkpoint root (with tracker) or iter_* directory.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
-    p.add_argument("--all", action="store_true", help="Also list optimizer, RNG and extra-state entries.")
-    p.add_argument("--no-args", action="store_true", help="Leave out the recorded arguments (text output).")
-    args = p.parse_args(argv)
-    try:
-        info = inspect_checkpoint(args.checkpoint, include_all=args.all)
-    except UpcycleError as exc:
-        print(f"inspect_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    if args.json:
-        print(json.dumps(info, indent=1, default=str))
-    else:
-        print(format_inspection(info, show_args=not args.no_args))
-    return 0
-
+from bam_megatron.cli.inspect_checkpoint import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,109 +1,13 @@
 #!/usr/bin/env python
-"""The Mix phase: build one BAM mixture-of-experts checkpoint from N dense checkpoints.
+"""The Mix phase: one BAM mixture-of-experts checkpoint from N dense checkpoints; see bam_megatron/cli/upcycle.py.
 
-    python tools/upcycle_bam.py --attention-experts full --output ckpt/bam \\
-        ckpt/seed ckpt/code ckpt/law ckpt/math
-
-Seeds come in expert order (the seed first, then the domain experts): expert i's attention (all
-of Q, K, V, O with ``full``; Q and O with ``shared-kv``) and FFN are copied from seed i;
-embeddings, norms and the output layer (and K/V with ``shared-kv``, the attention with
-``merged``, i.e. BTX) are averaged, uniformly or with ``--weights``; routers start fresh.
-
-Inputs: checkpoints of ``pretrain_bam.py`` or Megatron-LM GPT torch_dist checkpoints (local or
-Transformer-Engine layer names), each a checkpoint root or one ``iter_*`` directory. The output
-is one torch_dist checkpoint in Megatron-LM's layout (``<output>/iter_0000000`` + tracker) that
-``pretrain_bam.py --load <output> --use-checkpoint-args`` reads at any TP / PP / EP layout.
-
-The seeds are streamed layer by layer (memory: about one layer of one seed, the write buffer
-``--part-size-mb`` and the largest averaged tensor), the output is written under
-``<output>.tmp-*`` and renamed when complete. Bad input stops the run before anything is
-written, with one line naming the problem.
+The program lives in the installed package (``pip install -e .``); this file keeps Megatron-LM's
+familiar ``tools/upcycle_bam.py`` name.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-import warnings
-from typing import List, Optional
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
-
-from bam_megatron.upcycle_tool import (  # noqa: E402
-    UpcycleError,
-    UpcycleOptions,
-    format_summary,
-    release_freed_buffers,
-    upcycle,
-)
-from bam_megatron.upcycling import MODES, ROUTER_INITS  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="upcycle_bam.py",
-        description="Mix N dense checkpoints (seed first, then domain experts) into one BAM "
-        "mixture-of-experts checkpoint.",
-        allow_abbrev=False,
-    )
-    p.add_argument("seeds", nargs="+", metavar="CHECKPOINT", help="Dense checkpoints in expert order (root with tracker, or iter_* directory).")
-    p.add_argument("--output", "-o", required=True, help="Checkpoint directory to create.")
-    p.add_argument("--attention-experts", choices=MODES, default="full",
-                   help="full: BAM with KV experts (Q,K,V,O per expert); shared-kv: BAM with Q,O per "
-                   "expert and K,V averaged; merged: BTX (attention averaged, FFN experts only). Default full.")
-    p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
-                   help="One weight per seed for the averaged tensors (normalised to sum to 1; default uniform). "
-                   "Give it after the checkpoints, or end its list with --.")
-    p.add_argument("--router-init", choices=ROUTER_INITS, default="random", help="Router weights: random normal or zero.")
-    p.add_argument("--router-std", type=float, default=None, help="Std of random routers (default: the seeds' --init-method-std).")
-    p.add_argument("--seed", type=int, default=1234, help="Random seed of the router init.")
-    p.add_argument("--moe-router-topk", type=int, default=1, help="FFN experts per token recorded for training (default 1, BAM).")
-    p.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction, default=True,
-                   help="Softmax over all experts before top-k (BAM, default); --no-moe-router-pre-softmax: softmax over the chosen k (BTX).")
-    p.add_argument("--attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing recorded for training (default soft).")
-    p.add_argument("--attn-topk", type=int, default=1, help="k for --attn-routing topk.")
-    p.add_argument("--force", action="store_true", help="Replace an existing output (only once the new one is complete).")
-    p.add_argument("--part-size-mb", type=float, default=128,
-                   help="Write buffer: the output is saved in parts of about this size (at most three in memory), then merged (default 128).")
-    p.add_argument("--no-fsync", dest="fsync", action="store_false", help="Do not fsync written files (faster, not crash-safe).")
-    p.add_argument("--crc32", action="store_true",
-                   help="Store zip CRC-32 checksums with every tensor (torch.load never checks them; off by "
-                   "default because computing them halves the write speed).")
-    p.add_argument("--quiet", "-q", action="store_true", help="No progress lines on stderr.")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    opts = UpcycleOptions(
-        mode=args.attention_experts,
-        weights=args.weights,
-        router_init=args.router_init,
-        router_std=args.router_std,
-        seed=args.seed,
-        moe_router_topk=args.moe_router_topk,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        attn_routing=args.attn_routing,
-        attn_topk=args.attn_topk,
-    )
-    release_freed_buffers()
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    try:
-        result = upcycle(
-            args.seeds, args.output, opts, force=args.force,
-            part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, crc32=args.crc32, progress=progress,
-        )
-    except UpcycleError as exc:
-        print(f"upcycle_bam.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    print(format_summary(result), flush=True)
-    return 0
-
+from bam_megatron.cli.upcycle import main
 
 if __name__ == "__main__":
     sys.exit(main())

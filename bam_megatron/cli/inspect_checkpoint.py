@@ -1,0 +1,41 @@
+"""Show what a torch_dist checkpoint holds, without loading its tensors.
+
+    python tools/inspect_checkpoint.py ckpt/bam            # readable text
+    python tools/inspect_checkpoint.py ckpt/bam --json     # for scripts
+
+Lists the model tensors (global shape, dtype), the iteration, whether optimizer / RNG state is
+present, the recorded arguments and the expert layout: attention experts and KV mode, FFN
+experts and routers, per layer. Works on checkpoints of ``pretrain_bam.py``, of
+``tools/upcycle_bam.py`` and on Megatron-LM GPT torch_dist checkpoints (a checkpoint root with
+its tracker, or one ``iter_*`` directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("checkpoint", help="Checkpoint root (with tracker) or iter_* directory.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
+    p.add_argument("--all", action="store_true", help="Also list optimizer, RNG and extra-state entries.")
+    p.add_argument("--no-args", action="store_true", help="Leave out the recorded arguments (text output).")
+    args = p.parse_args(argv)
+    from bam_megatron.checkpoint.inspection import format_inspection, inspect_checkpoint
+    from bam_megatron.errors import BAMError
+
+    try:
+        info = inspect_checkpoint(args.checkpoint, include_all=args.all)
+    except BAMError as exc:
+        print(f"inspect_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+    else:
+        print(format_inspection(info, show_args=not args.no_args))
+    return 0
+

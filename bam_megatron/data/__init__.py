@@ -1,0 +1,1 @@
+"""Data: megatron-core GPT datasets and blends, the sampler, tokenizers, and preprocessing."""

@@ -1,0 +1,1 @@
+"""Parallelism plumbing: the device policy, process groups, and autograd collectives."""

@@ -1,0 +1,1 @@
+"""The bundled four-domain sample corpus and its tokenizer (``bam-build-sample-data``)."""

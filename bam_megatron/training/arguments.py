@@ -1,0 +1,253 @@
+"""Command line of ``pretrain_bam.py``, with Megatron-LM's flag names and meanings.
+
+``parse_args`` returns an ``argparse.Namespace`` whose attribute names are Megatron-LM's
+(``args.num_layers``, ``args.tensor_model_parallel_size``, ...); ``finalize_args`` fills the
+derived defaults once. ``training/configs.py`` turns the result into megatron-core's
+``TransformerConfig`` / ``OptimizerConfig`` and our ``BAMConfig``. This module imports neither
+torch nor megatron-core, so ``--help`` and argument errors answer at once.
+``MODEL_ARGS`` lists what defines the model (stored in every checkpoint and restored with
+``--use-checkpoint-args``).
+
+Errors in the arguments stop the program before any work with one line naming the flag and the
+fix (``argparse``'s ``error``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+from bam_megatron.data.tokenizer_args import add_tokenizer_args
+
+# Arguments that define the model (and so must match a checkpoint that is loaded).
+MODEL_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "seq_length",
+    "max_position_embeddings",
+    "swiglu",
+    "normalization",
+    "norm_epsilon",
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "untie_embeddings_and_output_weights",
+    "add_bias_linear",
+    "padded_vocab_size",
+    "num_experts",
+    "moe_ffn_hidden_size",
+    "moe_router_topk",
+    "moe_router_pre_softmax",
+    "bam_attn_experts",
+    "bam_attn_routing",
+    "bam_attn_topk",
+    "bam_attn_topk_renormalize",
+    "bam_kv_sharing",
+    "bam_sequential_block",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` without the 60-line usage dump before an error: one line, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pretrain_bam.py",
+        description="Train dense seeds, branched experts and BAM mixture-of-experts models on "
+        "megatron-core (GPU: NCCL, bf16; no GPU: gloo, fp32).",
+        allow_abbrev=False,
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=False, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, help="Transformer hidden size.")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="FFN hidden size (default 4×hidden, or 8/3×hidden rounded with --swiglu).")
+    g.add_argument("--num-attention-heads", type=int, help="Number of attention heads.")
+    g.add_argument("--group-query-attention", action="store_true", help="Use grouped-query attention (with --num-query-groups).")
+    g.add_argument("--num-query-groups", type=int, default=None, help="Number of key/value head groups (GQA).")
+    g.add_argument("--kv-channels", type=int, default=None, help="Head dimension (default hidden/heads).")
+    g.add_argument("--seq-length", type=int, help="Sequence length of training samples.")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="Longest position (default --seq-length).")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU FFN (gated SiLU).")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm", help="Norm type.")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="Norm epsilon.")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="learned_absolute", help="Position embedding.")
+    g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base.")
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="Fraction of the head dim RoPE rotates.")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", help="Separate input embedding and output layer weights.")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", help="No biases in linear layers.")
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout after attention and FFN.")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="Std of the normal weight init.")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="Pad the vocabulary to a multiple of this × TP.")
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and compute (the default on GPU; needs a GPU).")
+    g.add_argument("--fp32", action="store_true", help="fp32 on GPU too (CPU always uses fp32).")
+
+    g = p.add_argument_group("BAM (attention experts and block type)")
+    g.add_argument("--bam-attn-experts", type=int, default=1, help="Attention experts per layer (1 = ordinary attention). Spread over --expert-model-parallel-size.")
+    g.add_argument("--bam-attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing: soft (all experts, the paper's default) or top-k.")
+    g.add_argument("--bam-attn-topk", type=int, default=1, help="k for --bam-attn-routing topk.")
+    g.add_argument("--bam-attn-topk-no-renormalize", dest="bam_attn_topk_renormalize", action="store_false", help="Top-k attention: keep the softmax weights as they are instead of renormalising the k kept ones to sum to 1.")
+    g.add_argument("--bam-kv-sharing", action="store_true", help="Share K,V across attention experts (Q,O per expert).")
+    g.add_argument("--bam-sequential-block", action="store_true", help="Sequential blocks (attention then FFN, two norms) instead of parallel blocks.")
+
+    g = p.add_argument_group("mixture of experts (FFN)")
+    g.add_argument("--num-experts", type=int, default=None, help="FFN experts per layer (none: dense FFN).")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="Expert FFN size (default --ffn-hidden-size).")
+    g.add_argument("--moe-router-topk", type=int, default=2, help="Experts per token.")
+    g.add_argument("--moe-router-pre-softmax", action="store_true", help="Softmax over all experts before top-k (BAM style); otherwise softmax over the k chosen (BTX style).")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], default="aux_loss", help="Load-balancing method.")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="Load-balancing loss coefficient.")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather", help="Token dispatcher.")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size.")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1, help="Expert-parallel size (FFN and attention experts).")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None, help="Tensor parallelism inside experts (default: --tensor-model-parallel-size).")
+    g.add_argument("--sequence-parallel", action="store_true", help="Sequence parallelism (required for MoE with TP > 1).")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="Shard optimizer state over data-parallel ranks.")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap the gradient reduce with the backward pass.")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="Collective timeout.")
+
+    g = p.add_argument_group("batches and schedule")
+    g.add_argument("--micro-batch-size", type=int, default=1, help="Sequences per micro-batch per data-parallel rank.")
+    g.add_argument("--global-batch-size", type=int, default=None, help="Sequences per step (default micro × data-parallel size); the rest is gradient accumulation.")
+    g.add_argument("--train-iters", type=int, default=None, help="Training steps.")
+    g.add_argument("--lr", type=float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0, help="Final learning rate of the decay.")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="Linear warm-up steps.")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="Decay steps (default --train-iters).")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear", help="Decay shape.")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="Optimizer (adam = AdamW).")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay.")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient-norm clipping (0: off).")
+    g.add_argument("--seed", type=int, default=1234, help="Random seed (init, data order, dropout).")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None, help="Activation recompute.")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="Full recompute method.")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="Layers per recompute chunk (full).")
+    g.add_argument("--recompute-modules", nargs="*", default=None, help="Selective recompute modules: core_attn mlp moe moe_act.")
+    g.add_argument("--max-skipped-nan-iters", type=int, default=10, help="Skip up to this many steps with a NaN/inf loss or gradient, then stop.")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None, help="Indexed dataset prefix, or a weighted blend: 0.3 code 0.7 web.")
+    g.add_argument("--split", default="969,30,1", help="Train,valid,test proportions of --data-path.")
+    g.add_argument("--valid-data-path", nargs="*", default=None, help="Named validation sets NAME:PREFIX (each logged by name).")
+    g.add_argument("--mock-data", action="store_true", help="Synthetic data (no files).")
+    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go.")
+    g.add_argument("--num-workers", type=int, default=0, help="Data-loader worker processes.")
+    g.add_argument("--eod-mask-loss", action="store_true", help="No loss on end-of-document tokens.")
+    g.add_argument("--reset-position-ids", action="store_true", help="Restart positions after each end-of-document.")
+    g.add_argument("--reset-attention-mask", action="store_true", help="No attention across documents.")
+
+    add_tokenizer_args(p, default="NullTokenizer")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="Checkpoint directory to write.")
+    g.add_argument("--load", default=None, help="Checkpoint directory to resume / start from.")
+    g.add_argument("--save-interval", type=int, default=None, help="Steps between checkpoints (a final one is always written).")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, help="Delete all but the newest K checkpoints.")
+    g.add_argument("--finetune", action="store_true", help="Load only the weights; start at iteration 0 (branching from a seed).")
+    g.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
+    g.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
+    g.add_argument("--use-checkpoint-args", action="store_true", help="Take the model arguments from the checkpoint in --load.")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10, help="Steps between log lines.")
+    g.add_argument("--eval-interval", type=int, default=1000, help="Steps between validations.")
+    g.add_argument("--eval-iters", type=int, default=10, help="Micro-batches per validation (per set).")
+    g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
+    g.add_argument("--wandb-project", default=None, help="Log to this wandb project (WANDB_MODE=offline works without network).")
+    g.add_argument("--wandb-exp-name", default=None, help="wandb run name.")
+    g.add_argument("--wandb-save-dir", default=None, help="wandb directory.")
+    g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard events here.")
+    return p
+
+
+def _check(parser: argparse.ArgumentParser, ok: bool, message: str) -> None:
+    if not ok:
+        parser.error(message)
+
+
+def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Fill Megatron-LM's derived defaults and check the combination (one-line errors)."""
+    parser = parser or build_parser()
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        _check(parser, getattr(args, name) is not None, f"--{name.replace('_', '-')} is required (or --use-checkpoint-args with --load)")
+    _check(parser, args.skip_train or args.train_iters is not None, "--train-iters is required unless --skip-train")
+    _check(parser, args.hidden_size % args.num_attention_heads == 0 or args.kv_channels is not None,
+           f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}; set --kv-channels")
+    _check(parser, not (args.bf16 and args.fp32), "--bf16 and --fp32 exclude each other")
+    _check(parser, not (args.group_query_attention and args.num_query_groups is None),
+           "--group-query-attention needs --num-query-groups")
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    tp = args.tensor_model_parallel_size
+    _check(parser, tp >= 1 and args.num_attention_heads % tp == 0,
+           f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    _check(parser, args.num_query_groups % tp == 0,
+           f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        if args.swiglu:
+            args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
+        else:
+            args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    _finalize_batch(args, parser)
+    _check(parser, args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if not args.skip_train and args.lr_decay_style != "constant":
+        _check(parser, args.lr_warmup_iters < args.lr_decay_iters,
+               f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+               f"{args.lr_decay_iters} (default --train-iters)")
+    sources = sum(bool(x) for x in (args.data_path, args.mock_data))
+    _check(parser, sources == 1 or (args.skip_train and args.valid_data_path),
+           "give exactly one of --data-path and --mock-data (or --skip-train with --valid-data-path)")
+    if args.tokenizer_type == "NullTokenizer":
+        _check(parser, args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.num_experts is not None:
+        _check(parser, args.moe_router_topk <= args.num_experts,
+               f"--moe-router-topk {args.moe_router_topk} is larger than --num-experts {args.num_experts}")
+        if args.moe_router_topk == 1:
+            _check(parser, args.moe_router_pre_softmax, "--moe-router-topk 1 needs --moe-router-pre-softmax")
+    _check(parser, not (args.finetune and args.load is None), "--finetune needs --load")
+    _check(parser, not (args.use_checkpoint_args and args.load is None), "--use-checkpoint-args needs --load")
+    _check(parser, args.recompute_granularity != "full" or args.recompute_method is not None,
+           "--recompute-granularity full needs --recompute-method uniform|block")
+    return args
+
+
+def _finalize_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--global-batch-size`` defaults to one micro-batch per data-parallel rank (Megatron-LM:
+    data-parallel size = world size / (TP × PP), the world size from torchrun's WORLD_SIZE)."""
+    _check(parser, args.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {args.micro_batch_size}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    data_parallel = max(1, world // model_parallel)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * data_parallel
+    _check(parser, args.global_batch_size >= 1, f"--global-batch-size must be at least 1, got {args.global_batch_size}")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse without filling defaults that may come from a checkpoint (``--use-checkpoint-args``);
+    call ``finalize_args`` once the checkpoint arguments, if any, are merged."""
+    return build_parser().parse_args(argv)

@@ -1,0 +1,193 @@
+"""The training loop: train step → skip bad steps → log → evaluate / save, until done.
+
+megatron-core has no training loop; this one drives its pieces the way Megatron-LM does: the
+pipeline schedules of ``get_forward_backward_func`` (no pipelining or 1F1B), the optimizer
+(skipped steps on overflow), ``OptimizerParamScheduler`` (stepped in samples), torch_dist
+checkpoints (``checkpoint/train_state.py``) and the logs of ``metrics.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Optional
+
+import torch.distributed as dist
+
+from bam_megatron.errors import TrainingError
+from bam_megatron.parallel.device import peak_memory_gib, synchronize
+from bam_megatron.training.evaluate import run_validation
+from bam_megatron.training.metrics import print_rank_0, print_rank_last, training_line
+from bam_megatron.training.routing import RoutingRecorder
+from bam_megatron.training.step import (
+    clear_moe_tracker,
+    forward_step,
+    grads_finite,
+    moe_losses,
+    reduce_losses,
+    routing_metrics,
+)
+
+
+def args_dict(args) -> dict:
+    """The plain-valued arguments, as recorded in every checkpoint."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+class _Window:
+    """Steps and time since the last log line (evaluation and checkpoint time left out)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.iters = time.perf_counter(), 0
+
+    def seconds_per_iter(self) -> float:
+        return (time.perf_counter() - self.start) / max(self.iters, 1)
+
+
+class Trainer:
+    """Runs ``run`` (see ``setup.Run``) from its current state to ``--train-iters``."""
+
+    def __init__(self, run, train_iter):
+        self.run, self.args, self.train_iter = run, run.args, train_iter
+        self.state = run.state
+        # Routing statistics of the training steps since the last log line (not of evaluations).
+        self.recorder = RoutingRecorder(run.model, run.args.num_layers)
+        self.window = _Window()
+        self.nan_iters = 0
+        self.last_saved: Optional[int] = None
+        self.saved_args = args_dict(run.args)
+
+    # -------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> Optional[float]:
+        """One forward/backward over a global batch; returns the loss (None: no loss)."""
+        run, args = self.run, self.args
+        for m in run.model:
+            m.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        with self.recorder:
+            losses = run.forward_backward_func(
+                forward_step_func=partial(forward_step, run.device),
+                data_iterator=self.train_iter,
+                model=run.model,
+                num_microbatches=run.num_microbatches,
+                seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size,
+                forward_only=False,
+            )
+        self.state.consumed_train_samples += args.global_batch_size
+        self.state.iteration += 1
+        return reduce_losses(losses)
+
+    def skip_bad_step(self, loss: Optional[float]) -> bool:
+        """Skip (and count) a step with a NaN/inf loss or gradient; True when skipped.
+
+        Raises:
+            TrainingError: more than ``--max-skipped-nan-iters`` such steps.
+        """
+        bad_loss = loss is None or not math.isfinite(loss)
+        if not bad_loss and grads_finite(self.run.model):
+            return False
+        self.nan_iters += 1
+        self.state.skipped_iterations += 1
+        limit = self.args.max_skipped_nan_iters
+        what = f"loss is {loss}" if bad_loss else "gradient is not finite"
+        print_rank_last(f"[train] iteration {self.state.iteration}: {what}; step skipped "
+                        f"({self.nan_iters}/{limit} allowed)")
+        if self.nan_iters > limit:
+            raise TrainingError(
+                f"{self.nan_iters} steps with a NaN/inf loss or gradient (more than "
+                f"--max-skipped-nan-iters {limit}); stopping without saving. Lower --lr or check the data"
+            )
+        clear_moe_tracker()  # the skipped step's aux losses must not reach the next log
+        return True
+
+    def optimizer_step(self):
+        """Apply the step; returns the gradient norm."""
+        ok, grad_norm, _ = self.run.optimizer.step()
+        if ok:
+            self.run.scheduler.step(increment=self.args.global_batch_size)
+        else:
+            self.state.skipped_iterations += 1
+        return grad_norm
+
+    # -------------------------------------------------------------------------------- logs
+
+    def log(self, loss: float, grad_norm) -> None:
+        """Megatron-LM's training line and the metrics (aux losses, routing) to wandb / TB."""
+        run, args, state = self.run, self.args, self.state
+        synchronize(run.device)
+        elapsed = self.window.seconds_per_iter()
+        tokens_per_s = args.global_batch_size * args.seq_length / elapsed
+        metrics = {"lm loss": loss}
+        metrics.update(moe_losses(args.num_layers, run.num_microbatches))
+        lr = run.optimizer.param_groups[0]["lr"]
+        print_rank_last(training_line(
+            iteration=state.iteration, train_iters=args.train_iters,
+            consumed_samples=state.consumed_train_samples, elapsed_ms=elapsed * 1e3,
+            tflops_per_gpu=run.flops_per_token * tokens_per_s / dist.get_world_size() / 1e12,
+            tokens_per_s=tokens_per_s, lr=lr, global_batch_size=args.global_batch_size,
+            losses={k: v for k, v in metrics.items() if "/" not in k}, grad_norm=grad_norm,
+            skipped=state.skipped_iterations, nan_iters=self.nan_iters, memory=peak_memory_gib(run.device),
+        ))
+        metrics.update(routing_metrics(self.recorder.result()))  # collective: every rank logs here
+        self.recorder = RoutingRecorder(run.model, args.num_layers)
+        metrics.update({
+            "learning-rate": lr, "grad-norm": grad_norm if grad_norm is not None else float("nan"),
+            "throughput/tokens_per_s": tokens_per_s, "iteration-time-ms": elapsed * 1e3,
+            "consumed-samples": state.consumed_train_samples,
+        })
+        run.logger.log(metrics, state.iteration)
+        self.window.reset()
+
+    # -------------------------------------------------------------------------------- save
+
+    def save(self) -> None:
+        """A checkpoint of the current iteration (once per iteration)."""
+        from bam_megatron.checkpoint.train_state import save_checkpoint
+
+        run, args = self.run, self.args
+        if args.save and self.last_saved != self.state.iteration:
+            path = save_checkpoint(args.save, self.state, run.model, run.optimizer, run.scheduler,
+                                   self.saved_args, args.keep_last_checkpoints)
+            self.last_saved = self.state.iteration
+            print_rank_0(f"[checkpoint] saved {path}")
+
+    def evaluate_and_save(self) -> None:
+        """Validation and checkpoints at their intervals (their time is kept out of the step
+        time)."""
+        args, it = self.args, self.state.iteration
+        paused = False
+        if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
+            run_validation(self.run, it)
+            paused = True
+        if args.save_interval and it % args.save_interval == 0:
+            self.save()
+            paused = True
+        if paused:
+            self.window.reset()
+
+    # -------------------------------------------------------------------------------- loop
+
+    def train(self) -> None:
+        """Train until ``--train-iters``, then save."""
+        args = self.args
+        for m in self.run.model:
+            m.train()
+        while self.state.iteration < args.train_iters:
+            loss = self.train_step()
+            if self.skip_bad_step(loss):
+                continue
+            grad_norm = self.optimizer_step()
+            self.run.summary["train_losses"].append(loss)
+            self.window.iters += 1
+            if self.state.iteration % args.log_interval == 0 or self.state.iteration == args.train_iters:
+                self.log(loss, grad_norm)
+            else:
+                clear_moe_tracker()
+            self.evaluate_and_save()
+        self.save()

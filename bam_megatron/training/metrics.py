@@ -1,0 +1,116 @@
+"""Training logs: Megatron-LM's console lines, wandb and TensorBoard.
+
+Only the last rank logs (it holds the loss under pipeline parallelism). wandb runs offline with
+``WANDB_MODE=offline`` (no key, no network; ``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from typing import Dict, Optional
+
+import torch.distributed as dist
+
+
+def _is_logging_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(message: str) -> None:
+    if _is_logging_rank():
+        print(message, flush=True)
+
+
+def print_rank_0(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+class MetricsLogger:
+    """Console + wandb + TensorBoard sink for scalar metrics (last rank only)."""
+
+    def __init__(self, args):
+        self.active = _is_logging_rank()
+        self.wandb = None
+        self.tb = None
+        if not self.active:
+            return
+        if args.wandb_project:
+            import wandb
+
+            save_dir = args.wandb_save_dir or os.path.join(args.save or ".", "wandb")
+            os.makedirs(save_dir, exist_ok=True)
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                name=args.wandb_exp_name,
+                dir=save_dir,
+                config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            )
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def log(self, metrics: Dict[str, float], step: int) -> None:
+        if not self.active:
+            return
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def training_line(
+    *,
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    elapsed_ms: float,
+    tflops_per_gpu: float,
+    tokens_per_s: float,
+    lr: float,
+    global_batch_size: int,
+    losses: Dict[str, float],
+    grad_norm: Optional[float],
+    skipped: int,
+    nan_iters: int,
+    memory: float,
+) -> str:
+    """Megatron-LM's training log line (plus tokens/s and memory)."""
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    parts = [
+        f" [{now}] iteration {iteration:8d}/{train_iters:8d}",
+        f"consumed samples: {consumed_samples:12d}",
+        f"elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f"throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.3g}",
+        f"tokens per second: {tokens_per_s:.0f}",
+        f"learning rate: {lr:.6E}",
+        f"global batch size: {global_batch_size:5d}",
+    ]
+    parts += [f"{name}: {value:.6E}" for name, value in losses.items()]
+    if grad_norm is not None:
+        parts.append(f"grad norm: {grad_norm:.3f}")
+    parts += [
+        f"number of skipped iterations: {skipped:3d}",
+        f"number of nan iterations: {nan_iters:3d}",
+        f"mem (GiB): {memory:.2f}",
+    ]
+    return " | ".join(parts) + " |"
+
+
+def validation_line(iteration: int, loss: float, name: Optional[str] = None) -> str:
+    """Megatron-LM's validation line; ``name`` for a named (per-domain) validation set."""
+    ppl = math.exp(min(20.0, loss))
+    where = f"validation loss ({name})" if name else "validation loss"
+    return f" {where} at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"

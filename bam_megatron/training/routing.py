@@ -1,0 +1,145 @@
+"""Routing statistics of BAM models: do the experts specialise?
+
+``RoutingRecorder`` hooks a model's attention routers (Mixture of Attention) and FFN routers
+(megatron-core ``TopKRouter``) for the duration of a ``with`` block and returns, per layer and
+expert, the mean attention-router weight and the fraction of FFN routing slots sent to each
+expert — reduced over all ranks, so the result is the same at any TP/PP/EP/DP layout.
+``write_routing_report`` saves them as CSV and PNG heatmaps (one per domain and kind).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bam_megatron.parallel.distributed import get_device
+
+
+class RoutingRecorder:
+    """Context manager collecting routing statistics of ``model`` (a list of model chunks).
+
+    ``result()``: ``{"attention": [L][N_a] mean router weights or None,
+    "ffn": [L][N_f] load fractions or None}`` with ``L`` the global layer count.
+    """
+
+    def __init__(self, model, num_layers: int):
+        self.model = model
+        self.num_layers = num_layers
+        self._handles = []
+        self._attn_sum: Optional[torch.Tensor] = None  # [L, N_a]
+        self._attn_count = torch.zeros(num_layers, dtype=torch.float64)
+        self._ffn: Optional[torch.Tensor] = None  # [L, N_f]
+
+    def _on_attention(self, module, _inputs, _output):
+        mean = module.last_router_mean
+        if mean is None:
+            return
+        if self._attn_sum is None:
+            self._attn_sum = torch.zeros(self.num_layers, mean.numel(), dtype=torch.float64)
+        self._attn_sum[module.layer_number - 1] += mean.detach().double().cpu()
+        self._attn_count[module.layer_number - 1] += 1
+
+    def _on_ffn_router(self, module, _inputs, output):
+        routing_map = output[1]
+        counts = routing_map.sum(dim=0).detach().double().cpu()
+        if self._ffn is None:
+            self._ffn = torch.zeros(self.num_layers, counts.numel(), dtype=torch.float64)
+        self._ffn[module.layer_number - 1] += counts
+
+    def __enter__(self):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        from bam_megatron.model.moa import MixtureOfAttention
+
+        for chunk in self.model:
+            for module in chunk.modules():
+                if isinstance(module, MixtureOfAttention):
+                    self._handles.append(module.register_forward_hook(self._on_attention))
+                elif isinstance(module, TopKRouter):
+                    self._handles.append(module.register_forward_hook(self._on_ffn_router))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce on the device the process group communicates on (NCCL: the GPU)."""
+        t = t.to(get_device())
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    def _all_reduce(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # Ranks without a kind of expert contribute nothing; agree on the shape first.
+        width = self._reduce(torch.tensor([0 if t is None else t.shape[1]], dtype=torch.int64), dist.ReduceOp.MAX)
+        if width.item() == 0:
+            return None
+        if t is None:
+            t = torch.zeros(self.num_layers, int(width.item()), dtype=torch.float64)
+        return self._reduce(t.clone())
+
+    def result(self) -> Dict[str, Optional[List[List[float]]]]:
+        attn = self._all_reduce(self._attn_sum)
+        count = self._reduce(self._attn_count.clone())
+        ffn = self._all_reduce(self._ffn)
+        out: Dict[str, Optional[List[List[float]]]] = {"attention": None, "ffn": None}
+        if attn is not None:
+            out["attention"] = (attn / count.clamp(min=1).unsqueeze(1)).tolist()
+        if ffn is not None:
+            out["ffn"] = (ffn / ffn.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
+        return out
+
+
+def write_routing_report(routing: Dict[str, dict], out_dir: str, model_name: str) -> List[str]:
+    """Write ``<out_dir>/<model>_routing.csv`` and one heatmap PNG per domain and router kind
+    (layers × experts). ``routing``: ``{domain: RoutingRecorder.result()}``. Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    csv_path = os.path.join(out_dir, f"{model_name}_routing.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "domain", "router", "layer", "expert", "value"])
+        for domain, kinds in routing.items():
+            for kind, table in kinds.items():
+                for layer, row in enumerate(table or [], start=1):
+                    for expert, value in enumerate(row):
+                        w.writerow([model_name, domain, kind, layer, expert, f"{value:.6f}"])
+    paths.append(csv_path)
+
+    for kind, label in (("attention", "mean attention-router weight"), ("ffn", "FFN expert load")):
+        domains = [d for d in routing if routing[d].get(kind)]
+        if not domains:
+            continue
+        fig, axes = plt.subplots(
+            1, len(domains), figsize=(3.2 * len(domains) + 1.0, 3.4), squeeze=False, constrained_layout=True
+        )
+        for ax, domain in zip(axes[0], domains):
+            data = torch.tensor(routing[domain][kind]).numpy()
+            im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            ax.set_title(domain)
+            ax.set_xlabel("expert")
+            if ax is axes[0][0]:
+                ax.set_ylabel("layer")
+            ax.set_xticks(range(data.shape[1]))
+            ax.set_yticks(range(data.shape[0]), labels=[str(i + 1) for i in range(data.shape[0])])
+            for (i, j), v in np.ndenumerate(data):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
+        fig.suptitle(f"{model_name}: {label}")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        path = os.path.join(out_dir, f"{model_name}_{kind}_routing.png")
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,429 @@
+"""The Mix phase on disk: N dense torch_dist checkpoints -> one BAM checkpoint, streamed.
+
+``upcycle(seed_paths, output, UpcycleOptions(...))`` reads the seeds (checkpoints of
+``pretrain_bam.py`` or Megatron-LM GPT torch_dist checkpoints, local or Transformer-Engine layer
+names) one layer at a time, applies the mapping of ``bam_megatron/upcycling.py`` (``tensor_rule``)
+and writes one torch_dist checkpoint in Megatron-LM's layout::
+
+    <output>/latest_checkpointed_iteration.txt      "0"
+    <output>/iter_0000000/                          *.distcp, .metadata, common.pt, metadata.json
+
+whose common state records the model arguments (``args``; ``pretrain_bam.py --load <output>
+--use-checkpoint-args`` rebuilds the BAM model from them), iteration 0, and no optimizer, RNG
+or ``layout`` entry. It loads at any TP / PP / EP layout.
+
+Streaming: nothing holds a whole seed. Every ``[L, ...]`` tensor is processed one layer at a
+time (more precisely: in the smallest layer ranges that no stored chunk straddles, which is one
+layer for checkpoints written by megatron-core, and the whole tensor for one written as a single
+chunk); for each layer every seed's slice is read in turn (torch.distributed.checkpoint reads
+only the stored chunks that overlap it; a slice that is exactly one stored chunk is loaded
+without a copy). Expert slices go to the writer as they are, averaged tensors are accumulated in
+fp32 (``_Mean``, bit-identical to ``upcycling.average``). Tensors outside the layer stack
+(embeddings, final norm, output layer) come first, while the write buffers are empty: read one
+seed at a time into one fp32 accumulator. Peak memory: one layer-slice of one seed + the fp32 mean
+of one layer-slice + two write buffers of ``part_bytes`` (one being filled, one being written
+by a background thread), or, for the largest tensor outside the layers, its fp32 accumulator
+plus one seed's copy of it.
+
+Writing in parts, then merging: ``torch.distributed.checkpoint.save`` needs its whole state dict
+in memory, so the output is saved in parts of about ``part_bytes`` each, every part its own small
+DCP checkpoint whose entries are chunks (``c<k>``) of the real tensors. The merge moves the
+parts' ``.distcp`` files into the output directory under unique names and writes one DCP
+``.metadata``: per real key its global shape and the list of chunks (offsets, sizes), and per
+chunk its storage location (file, byte offset, length) taken from the part that wrote it. The
+result is the same structure a multi-rank save produces, so megatron-core's
+``dist_checkpointing.load`` / ``load_plain_tensors`` and torch's DCP reader read it like any other
+checkpoint. Each expert is its own chunk ``[1, 1, ...]`` at (layer, expert), so a loader that
+holds one expert (expert parallelism) reads only that expert's bytes.
+
+Atomicity: everything is written under ``<output>.tmp-<random>`` and renamed to ``<output>`` at
+the end (with ``force`` the previous output is moved aside to ``<output>.old-<random>`` only
+then, and deleted after the rename). The
+parts are fsynced by a background thread (unless ``sync=False``); the merged index, the common
+state, ``metadata.json`` (which is what makes a directory a megatron checkpoint) and the tracker
+are written in that order, after all data is on disk. A failed or interrupted run removes its
+temporary directory; nothing under ``<output>`` is ever half-written.
+
+All validation happens before any file is written: seeds exist and are readable torch_dist
+checkpoints, share one architecture (same tensors, shapes, dtypes, heads, vocabulary), are
+dense, and fit the mode; every problem is an ``UpcycleError`` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from bam_megatron.checkpoint.dcp_reader import layer_blocks
+from bam_megatron.checkpoint.dcp_writer import PartWriter, fsync_dir, write_file
+from bam_megatron.checkpoint.inspection import human_count
+from bam_megatron.checkpoint.layout import COMMON_FILE, CONFIG_FILE, FORMAT_VERSION, MEGATRON_CONFIG, TRACKER, iteration_dir
+from bam_megatron.errors import UpcycleError
+from bam_megatron.upcycle import mapping as U
+from bam_megatron.upcycle.plan import (
+    OutputTensor,
+    ParamCounts,
+    UpcycleOptions,
+    check_options,
+    count_parameters,
+    output_args,
+    plan_outputs,
+)
+from bam_megatron.upcycle.seeds import Architecture, Seed, check_seeds, open_seed
+
+GIB = 1024**3
+
+
+class _Mean:
+    """Weighted mean accumulated in fp32, seed by seed: bit-identical to ``upcycling.average``
+    (the same fp32 products and sums in the same order). Lower-precision inputs are widened
+    block by block through a small scratch buffer (a mixed-dtype ``add_`` is several times
+    slower, and a whole fp32 copy per seed would double the memory)."""
+
+    BLOCK = 1 << 22  # elements (16 MiB of fp32)
+
+    def __init__(self):
+        self.acc: Optional[torch.Tensor] = None
+        self.dtype: Optional[torch.dtype] = None
+        self._scratch: Optional[torch.Tensor] = None
+
+    def add(self, t: torch.Tensor, weight: float) -> None:
+        w = float(weight)
+        src = t.contiguous().view(-1)
+        n = src.numel()
+        if self.acc is None:
+            self.acc = torch.empty(t.shape, dtype=torch.float32)
+            self.dtype = t.dtype
+            acc = self.acc.view(-1)
+            for i in range(0, n, self.BLOCK):
+                block = acc[i : i + self.BLOCK]
+                block.copy_(src[i : i + self.BLOCK])
+                block.mul_(w)
+            return
+        acc = self.acc.view(-1)
+        if src.dtype == torch.float32:
+            acc.add_(src, alpha=w)
+            return
+        if self._scratch is None:
+            self._scratch = torch.empty(min(n, self.BLOCK), dtype=torch.float32)
+        for i in range(0, n, self.BLOCK):
+            m = min(self.BLOCK, n - i)
+            scratch = self._scratch[:m]
+            scratch.copy_(src[i : i + m])
+            acc[i : i + m].add_(scratch, alpha=w)
+
+    def result(self) -> torch.Tensor:
+        out = self.acc.to(self.dtype)
+        self.acc = self._scratch = None
+        return out
+
+
+@dataclass
+class UpcycleResult:
+    output: str
+    ckpt_dir: str
+    seeds: List[Seed]
+    arch: Architecture
+    plan: Dict[str, OutputTensor]
+    args: dict
+    params: ParamCounts
+    weights: List[float]
+    options: UpcycleOptions
+    router_std: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    num_parts: int = 0
+    seconds: float = 0.0
+    write_seconds: float = 0.0
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_output(output: str, seed_paths: Sequence[str], force: bool) -> None:
+    out_real = os.path.realpath(output)
+    for i, p in enumerate(seed_paths):
+        seed_real = os.path.realpath(p)
+        if out_real == seed_real or seed_real.startswith(out_real + os.sep) or out_real.startswith(seed_real + os.sep):
+            raise UpcycleError(f"output {output} overlaps seed {i} ({p}); choose another output path")
+    if os.path.lexists(output) and not force:
+        raise UpcycleError(f"output {output} exists; pass --force to replace it (or choose another path)")
+
+
+def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False):
+    """All checks, no writing: returns ``(seeds, arch, plan, args, weights)``."""
+    weights = check_options(len(seed_paths), opts)
+    _check_output(output, seed_paths, force)
+    seeds = [open_seed(p, i) for i, p in enumerate(seed_paths)]
+    arch = check_seeds(seeds)
+    if opts.mode != "merged" and arch.bias:
+        raise UpcycleError(
+            "the seeds have linear-layer biases but attention experts have none (as in the paper); "
+            "use --attention-experts merged or seeds trained with --disable-bias-linear"
+        )
+    plan = plan_outputs(arch, len(seeds), opts)
+    args = output_args(arch, len(seeds), opts)
+    need = sum(t.nbytes for t in plan.values())
+    free = shutil.disk_usage(_existing_ancestor(os.path.dirname(os.path.abspath(output)))).free
+    if need > free:
+        raise UpcycleError(f"the output needs about {need / GIB:.2f} GiB but only {free / GIB:.2f} GiB are free at {output}")
+    return seeds, arch, plan, args, weights
+
+
+class _Progress:
+    """``[upcycle] step/total what | read | written | seconds`` lines, at most every 2 s except
+    where ``always``."""
+
+    def __init__(self, say: Callable[[str], None], total: int, readers, writer: PartWriter):
+        self.say, self.total, self.readers, self.writer = say, total, readers, writer
+        self.step, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def __call__(self, what: str, always: bool = True) -> None:
+        self.step += 1
+        now = time.perf_counter()
+        if not always and now - self.last < 2.0:
+            return
+        self.last = now
+        read = sum(r.bytes_read for r in self.readers)
+        self.say(
+            f"[upcycle] {self.step:>5}/{self.total} {what:<44} read {read / GIB:7.2f} GiB | "
+            f"written {self.writer.bytes_written / GIB:7.2f} GiB | {now - self.start:7.1f} s"
+        )
+
+
+def _mix_global_tensors(arch, seeds, readers, weights, writer, mode, progress) -> None:
+    """Embeddings, final norm, output layer: averaged, one seed at a time. Done first, while the
+    write buffers are empty: the largest (the embeddings) needs its fp32 mean and one seed's copy
+    at the same time."""
+    for key in arch.global_keys:
+        if U.tensor_rule(key, mode).kind != U.AVERAGE:
+            raise RuntimeError(f"internal error: {key} outside the layer stack is not averaged")
+        mean = _Mean()
+        for e, (seed, reader) in enumerate(zip(seeds, readers)):
+            t = reader.read_full(seed.tensors[key].source_key)
+            mean.add(t, weights[e])
+            del t
+        value = mean.result()
+        writer.add(key, (0,) * value.dim(), value)
+        writer.flush()  # written while the next tensor is read
+        del value
+        progress(key)
+
+
+def _stack_chunks(reader, source: str, lo: int, hi: int, expert: int, out_key: str, writer) -> None:
+    """Each stored chunk of a seed's ``[L, ...]`` tensor in layers ``[lo, hi)`` becomes a chunk
+    ``[1, 1, ...]`` of expert ``expert`` in ``out_key``, as it is."""
+    for chunk in reader.chunks_within(source, lo, hi):
+        t = reader.read([(source, chunk.offsets, chunk.sizes)])[0]
+        c_lo = int(chunk.offsets[0])
+        for layer in range(c_lo, c_lo + int(chunk.sizes[0])):
+            offsets = (layer, expert) + tuple(int(o) for o in chunk.offsets[1:])
+            writer.add(out_key, offsets, t[layer - c_lo : layer - c_lo + 1].unsqueeze(1))
+
+
+def _mix_layer_block(key, rule, arch, seeds, readers, weights, writer, lo: int, hi: int) -> None:
+    """Layers ``[lo, hi)`` of one ``[L, ...]`` seed tensor in every seed -> the output chunks."""
+    shape = arch.shapes[key]
+    rest = (0,) * (len(shape) - 1)
+    mean = _Mean()
+    for e, (seed, reader) in enumerate(zip(seeds, readers)):
+        source = seed.tensors[key].source_key
+        if rule.kind == U.STACK:
+            _stack_chunks(reader, source, lo, hi, e, rule.outputs[0], writer)
+            continue
+        t = reader.read([(source, (lo,) + rest, (hi - lo,) + shape[1:])])[0]
+        if rule.kind == U.SPLIT_QKV:
+            q, kv = U.split_qkv(t, arch.attn)
+            mean.add(kv, weights[e])
+            for layer in range(lo, hi):
+                writer.add(rule.outputs[0], (layer, e) + rest, q[layer - lo : layer - lo + 1].unsqueeze(1))
+            del q, kv
+        else:
+            mean.add(t, weights[e])
+        del t
+    if mean.acc is not None:
+        writer.add(rule.outputs[-1], (lo,) + rest, mean.result())
+
+
+def _mix_layer_tensors(arch, seeds, readers, weights, writer, mode, blocks_of, progress) -> None:
+    """Every ``[L, ...]`` tensor, block of layers by block of layers (see ``layer_blocks``)."""
+    for key in arch.layer_keys:
+        rule = U.tensor_rule(key, mode)
+        blocks = blocks_of[key]
+        name = key[len(U.LAYER_PREFIX):]
+        for i, (lo, hi) in enumerate(blocks):
+            _mix_layer_block(key, rule, arch, seeds, readers, weights, writer, lo, hi)
+            progress(f"{name} layers {hi}/{arch.num_layers}", always=i == len(blocks) - 1)
+
+
+def _write_routers(arch, n: int, opts: UpcycleOptions, plan, writer) -> float:
+    """Fresh attention / FFN routers ``[L, N, d]``; returns the std used."""
+    std = opts.router_std if opts.router_std is not None else float(arch.args.get("init_method_std", 0.02))
+    gen = torch.Generator().manual_seed(opts.seed)
+    for key in (U.ATTN_ROUTER_KEY, U.FFN_ROUTER_KEY):
+        if key in plan:
+            router = U.new_router(arch.num_layers, n, arch.hidden_size, init=opts.router_init, std=std, generator=gen, dtype=arch.dtype)
+            writer.add(key, (0, 0, 0), router)
+    return std
+
+
+def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float) -> dict:
+    """The output's common state: arguments, iteration 0 and where everything came from."""
+    return {
+        "args": args,
+        "iteration": 0,
+        "consumed_train_samples": 0,
+        "skipped_iterations": 0,
+        "format_version": FORMAT_VERSION,
+        "upcycling": {
+            "mode": opts.mode,
+            "seeds": [os.path.abspath(s.path) for s in seeds],
+            "seed_iterations": [s.iteration for s in seeds],
+            "weights": list(weights),
+            "router_init": opts.router_init,
+            "router_std": std,
+            "router_seed": opts.seed,
+        },
+    }
+
+
+def _finish_checkpoint(tmp: str, writer: PartWriter, plan, common: dict, sync: bool) -> None:
+    """Merge the parts into ``tmp/iter_0000000``, then the common state, ``metadata.json`` and
+    the tracker, in that order, after all data is on disk."""
+    final = iteration_dir(tmp, 0)
+    writer.merge(final, plan)
+    buf = io.BytesIO()
+    torch.save(common, buf)
+    write_file(os.path.join(final, COMMON_FILE), buf.getvalue(), sync)
+    write_file(os.path.join(final, CONFIG_FILE), json.dumps(MEGATRON_CONFIG).encode(), sync)
+    write_file(os.path.join(tmp, TRACKER), b"0", sync)
+    shutil.rmtree(os.path.join(tmp, "parts"))
+    if sync:
+        fsync_dir(final)
+        fsync_dir(tmp)
+
+
+def _move_into_place(tmp: str, output: str, sync: bool) -> None:
+    """Rename the complete ``tmp`` to ``output``; a previous output (only with ``force``) is
+    moved aside first and deleted afterwards."""
+    old = None
+    if os.path.lexists(output):
+        old = f"{output}.old-{secrets.token_hex(4)}"
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if sync:
+        fsync_dir(os.path.dirname(output))
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.unlink(old)
+
+
+def upcycle(
+    seed_paths: Sequence[str],
+    output: str,
+    opts: UpcycleOptions,
+    *,
+    force: bool = False,
+    part_bytes: int = 128 * 1024**2,
+    sync: bool = True,
+    crc32: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+) -> UpcycleResult:
+    """Write the BAM checkpoint of ``seed_paths`` (expert order: seed first) to ``output``.
+
+    Raises:
+        UpcycleError: bad input, before anything is written.
+    """
+    start = time.perf_counter()
+    seeds, arch, plan, args, weights = prepare(seed_paths, output, opts, force)
+    n = len(seeds)
+    output = os.path.abspath(output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    tmp = f"{output}.tmp-{secrets.token_hex(4)}"
+    os.makedirs(tmp)
+    writer = None
+    try:
+        writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
+        readers = [s.reader() for s in seeds]
+        result = UpcycleResult(output, iteration_dir(output, 0), seeds, arch, plan, args,
+                               count_parameters(plan, n, args), weights, opts)
+        blocks_of = {
+            key: layer_blocks(arch.num_layers, [r.chunks(s.tensors[key].source_key) for s, r in zip(seeds, readers)])
+            for key in arch.layer_keys
+        }
+        total = sum(len(b) for b in blocks_of.values()) + len(arch.global_keys) + 2
+        report = _Progress(progress or (lambda _msg: None), total, readers, writer)
+        _mix_global_tensors(arch, seeds, readers, weights, writer, opts.mode, report)
+        _mix_layer_tensors(arch, seeds, readers, weights, writer, opts.mode, blocks_of, report)
+        result.router_std = _write_routers(arch, n, opts, plan, writer)
+        report("routers")
+        _finish_checkpoint(tmp, writer, plan, _common_state(args, seeds, weights, opts, result.router_std), sync)
+        report(f"merged {writer.num_parts} parts")
+        _move_into_place(tmp, output, sync)
+    except BaseException:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.bytes_read = sum(r.bytes_read for r in readers)
+    result.bytes_written = writer.bytes_written
+    result.num_parts = writer.num_parts
+    result.write_seconds = writer.seconds
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def format_summary(result: UpcycleResult) -> str:
+    """The end-of-run table: parameters, expert counts, where every expert came from."""
+    args, n, mode = result.args, len(result.seeds), result.options.mode
+    p = result.params
+    kv = {"full": "Q, K, V, O per expert", "shared-kv": "Q, O per expert; K, V shared (weighted mean)", "merged": "none: attention averaged (BTX)"}[mode]
+    attn_experts = args["bam_attn_experts"] if mode != "merged" else 0
+    routing = "soft over all" if args["bam_attn_routing"] == "soft" else f"top-{args['bam_attn_topk']}"
+    ffn_routing = f"top-{args['moe_router_topk']}" + (", softmax before top-k" if args["moe_router_pre_softmax"] else ", softmax over the chosen")
+    lines = [
+        f"{'BTX' if mode == 'merged' else 'BAM'} checkpoint: {result.ckpt_dir}",
+        f"  mode {mode}; {args['num_layers']} layers, {'sequential' if args['bam_sequential_block'] else 'parallel'} blocks, "
+        f"hidden {args['hidden_size']}, {args['num_attention_heads']} heads ({args['num_query_groups']} KV groups), "
+        f"FFN {args['ffn_hidden_size']}, vocabulary {args['padded_vocab_size']}, {str(result.arch.dtype).replace('torch.', '')}",
+        f"  parameters: total {p.total:,} ({human_count(p.total)}), active per token {p.active:,} ({human_count(p.active)})",
+        f"  attention experts per layer: {attn_experts} ({kv}" + (f"; routing {routing})" if attn_experts else ")"),
+        f"  FFN experts per layer: {n} (routing {ffn_routing})",
+        f"  routers: {'attention + FFN' if mode != 'merged' else 'FFN'}, {result.options.router_init} init"
+        + (f" (std {result.router_std:g}, seed {result.options.seed})" if result.options.router_init == "random" else ""),
+        "  averaged (weights " + ", ".join(f"{w:.4g}" for w in result.weights) + "): embeddings, norms, output layer"
+        + ({"shared-kv": ", K/V", "merged": ", attention"}.get(mode, "")),
+        "",
+    ]
+    rows = [("expert", "attention from", "FFN from", "iteration")]
+    for s in result.seeds:
+        attn_src = s.path if mode != "merged" else "(averaged)"
+        rows.append((str(s.index), attn_src, s.path, "" if s.iteration is None else str(s.iteration)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, r in enumerate(rows):
+        lines.append("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if i == 0:
+            lines.append("  " + "-+-".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(
+        f"  read {result.bytes_read / GIB:.2f} GiB, wrote {result.bytes_written / GIB:.2f} GiB in "
+        f"{result.num_parts} parts, {result.seconds:.1f} s"
+    )
+    return "\n".join(lines)

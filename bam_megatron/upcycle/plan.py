@@ -1,0 +1,172 @@
+"""The Mix phase's plan: options, the output tensors and the recorded arguments.
+
+``check_options`` validates the user's options against the seed count; ``plan_outputs`` lists
+every tensor of the BAM checkpoint (key, global shape, dtype, role); ``output_args`` is what the
+output records so that ``pretrain_bam.py --use-checkpoint-args`` rebuilds the model;
+``count_parameters`` gives total and active parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from bam_megatron.checkpoint.dcp_writer import PlannedTensor
+from bam_megatron.errors import UpcycleError
+from bam_megatron.upcycle import mapping as U
+from bam_megatron.upcycle.seeds import Architecture
+
+# Plain arguments copied from seed 0 (tokenizer and init), beside the model arguments.
+CARRIED_ARGS = (
+    "tokenizer_type",
+    "vocab_size",
+    "vocab_file",
+    "merge_file",
+    "tokenizer_model",
+    "make_vocab_size_divisible_by",
+    "init_method_std",
+)
+
+
+@dataclass
+class UpcycleOptions:
+    """How to mix (see ``tools/upcycle_bam.py --help``)."""
+
+    mode: str = "full"  # full | shared-kv | merged
+    weights: Optional[Sequence[float]] = None  # per seed, for averaged tensors (normalised)
+    router_init: str = "random"
+    router_std: Optional[float] = None  # default: the seeds' --init-method-std
+    seed: int = 1234  # generator of the random routers
+    moe_router_topk: int = 1
+    moe_router_pre_softmax: bool = True
+    attn_routing: str = "soft"
+    attn_topk: int = 1
+
+
+@dataclass
+class OutputTensor(PlannedTensor):
+    """A tensor of the BAM checkpoint and its role: attention-expert | ffn-expert | shared |
+    router."""
+
+    role: str = "shared"
+
+
+def check_options(num_seeds: int, opts: UpcycleOptions) -> List[float]:
+    """Validate the options against the seed count; returns the normalised weights."""
+    n = num_seeds
+    if opts.mode not in U.MODES:
+        raise UpcycleError(f"unknown --attention-experts {opts.mode!r}; choose one of {', '.join(U.MODES)}")
+    if n < 2:
+        raise UpcycleError(
+            f"--attention-experts {opts.mode} needs at least 2 seeds (the seed first, then the "
+            f"domain experts), got {n}"
+        )
+    if opts.weights is None:
+        weights = [1.0 / n] * n
+    else:
+        if len(opts.weights) != n:
+            raise UpcycleError(f"--weights has {len(opts.weights)} values for {n} seeds; give one weight per seed")
+        if any(not math.isfinite(w) or w < 0 for w in opts.weights) or sum(opts.weights) <= 0:
+            raise UpcycleError("--weights must be finite, non-negative and not all zero")
+        total = float(sum(opts.weights))
+        weights = [float(w) / total for w in opts.weights]
+    if opts.router_init not in U.ROUTER_INITS:
+        raise UpcycleError(f"unknown --router-init {opts.router_init!r}; choose one of {', '.join(U.ROUTER_INITS)}")
+    if opts.router_std is not None and not opts.router_std > 0:
+        raise UpcycleError(f"--router-std must be positive, got {opts.router_std}")
+    if not 1 <= opts.moe_router_topk <= n:
+        raise UpcycleError(f"--moe-router-topk {opts.moe_router_topk} must be between 1 and the number of seeds ({n})")
+    if opts.moe_router_topk == 1 and not opts.moe_router_pre_softmax:
+        raise UpcycleError("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requirement)")
+    if opts.attn_routing not in ("soft", "topk"):
+        raise UpcycleError(f"unknown --attn-routing {opts.attn_routing!r}; choose soft or topk")
+    if opts.attn_routing == "topk":
+        if opts.mode == "merged":
+            raise UpcycleError("--attn-routing topk needs attention experts; --attention-experts merged has none")
+        if not 1 <= opts.attn_topk <= n:
+            raise UpcycleError(f"--attn-topk {opts.attn_topk} must be between 1 and the number of seeds ({n})")
+    return weights
+
+
+def plan_outputs(arch: Architecture, n: int, opts: UpcycleOptions) -> Dict[str, OutputTensor]:
+    """Every tensor of the BAM checkpoint: key -> global shape, dtype and role."""
+    out: Dict[str, OutputTensor] = {}
+    for key, shape in arch.shapes.items():
+        rule = U.tensor_rule(key, opts.mode)
+        for out_key, out_shape in U.upcycled_shapes(key, shape, n, opts.mode, arch.attn).items():
+            if rule.kind == U.AVERAGE or (rule.kind == U.SPLIT_QKV and out_key == rule.outputs[1]):
+                role = "shared"
+            elif ".mlp." in out_key:
+                role = "ffn-expert"
+            else:
+                role = "attention-expert"
+            out[out_key] = OutputTensor(out_key, tuple(out_shape), arch.dtype, role=role)
+    routers = [U.FFN_ROUTER_KEY] if opts.mode == "merged" else [U.ATTN_ROUTER_KEY, U.FFN_ROUTER_KEY]
+    for key in routers:
+        out[key] = OutputTensor(key, (arch.num_layers, n, arch.hidden_size), arch.dtype, role="router")
+    return out
+
+
+def output_args(arch: Architecture, n: int, opts: UpcycleOptions) -> dict:
+    """The ``args`` of the BAM checkpoint: every ``arguments.MODEL_ARGS`` entry (so that
+    ``--use-checkpoint-args`` rebuilds the model) plus seed 0's tokenizer and init settings."""
+    a = arch.args
+    seq = a.get("seq_length")
+    if not isinstance(seq, int):
+        raise UpcycleError("seed 0 records no --seq-length")
+    args = {k: a[k] for k in CARRIED_ARGS if k in a}
+    args.update(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.attn.num_attention_heads,
+        group_query_attention=arch.attn.num_query_groups != arch.attn.num_attention_heads,
+        num_query_groups=arch.attn.num_query_groups,
+        kv_channels=arch.attn.head_dim,
+        seq_length=seq,
+        max_position_embeddings=a.get("max_position_embeddings") or seq,
+        swiglu=arch.gated,
+        normalization=a.get("normalization")
+        or ("LayerNorm" if U.LAYER_PREFIX + "input_layernorm.bias" in arch.shapes else "RMSNorm"),
+        norm_epsilon=a.get("norm_epsilon", 1e-5),
+        position_embedding_type="learned_absolute"
+        if "embedding.position_embeddings.weight" in arch.shapes
+        else a.get("position_embedding_type", "rope"),
+        rotary_base=a.get("rotary_base", 10000),
+        rotary_percent=a.get("rotary_percent", 1.0),
+        untie_embeddings_and_output_weights="output_layer.weight" in arch.shapes,
+        add_bias_linear=arch.bias,
+        padded_vocab_size=arch.padded_vocab_size,
+        num_experts=n,
+        moe_ffn_hidden_size=arch.ffn_hidden_size,
+        moe_router_topk=opts.moe_router_topk,
+        moe_router_pre_softmax=bool(opts.moe_router_pre_softmax),
+        bam_attn_experts=1 if opts.mode == "merged" else n,
+        bam_attn_routing=opts.attn_routing if opts.mode != "merged" else "soft",
+        bam_attn_topk=opts.attn_topk,
+        bam_attn_topk_renormalize=True,
+        bam_kv_sharing=opts.mode == "shared-kv",
+        bam_sequential_block=arch.sequential,
+    )
+    args.setdefault("init_method_std", 0.02)
+    return args
+
+
+@dataclass
+class ParamCounts:
+    total: int
+    active: int
+    attention_expert: int  # parameters of one attention expert (all layers)
+    ffn_expert: int  # parameters of one FFN expert (all layers)
+
+
+def count_parameters(plan: Dict[str, OutputTensor], n: int, args: dict) -> ParamCounts:
+    """Total parameters and those a token uses (soft attention: every attention expert; top-k
+    attention: k of them; FFN: top-k experts)."""
+    total = sum(t.numel for t in plan.values())
+    attn = sum(t.numel for t in plan.values() if t.role == "attention-expert") // n
+    ffn = sum(t.numel for t in plan.values() if t.role == "ffn-expert") // n
+    attn_active = n if args.get("bam_attn_routing", "soft") == "soft" else args.get("bam_attn_topk", 1)
+    active = total - (n - attn_active) * attn - (n - args["moe_router_topk"]) * ffn
+    return ParamCounts(total, active, attn, ffn)

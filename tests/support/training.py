@@ -1,0 +1,131 @@
+"""Shared pieces of the training acceptance tests: the tiny model's flags, log-line parsers,
+torchrun / in-process launchers and checkpoint inspection helpers."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import socket
+import subprocess
+import sys
+
+from bam_megatron import training
+from bam_megatron.checkpoint.common import read_common
+from support import REPO_ROOT as ROOT  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "pretrain_bam.py")
+
+TINY = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
+    "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--vocab-size", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
+    "--lr", "3e-3", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+    "--log-interval", "1", "--eval-iters", "2", "--eval-interval", "1000",
+]
+NO_DROPOUT = ["--hidden-dropout", "0", "--attention-dropout", "0"]
+BAM = [
+    "--bam-attn-experts", "2", "--num-experts", "2", "--moe-router-topk", "1",
+    "--moe-router-pre-softmax", "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001",
+]
+MOCK = ["--mock-data"]
+
+# The shared checkpoint: a BAM model trained GOOD_ITERS steps, saved every GOOD_ITERS // 2.
+GOOD_ITERS = 8
+GOOD_ARGS = TINY + NO_DROPOUT + BAM + MOCK + ["--train-iters", str(GOOD_ITERS)]
+
+TRAIN_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*? lm loss: (\S+) \|")
+VALID_LINE = re.compile(r"validation loss(?: \((\S+)\))? at iteration (\d+) \| lm loss value: (\S+) \|")
+SKIP_LINE = re.compile(r"\[train\] iteration (\d+): .*; step skipped \((\d+)/(\d+) allowed\)")
+SAVED_LINE = re.compile(r"\[checkpoint\] saved (\S+)")
+AUX_LINE = re.compile(r"iteration\s+(\d+)/.*? z_loss: (\S+) \| load_balancing_loss: (\S+) \|")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def train_log(text: str) -> dict:
+    """``{iteration: lm loss}`` from the training lines of a log."""
+    return {int(m.group(1)): float(m.group(3)) for m in TRAIN_LINE.finditer(text)}
+
+
+def aux_log(text: str) -> dict:
+    """``{iteration: (z_loss, load_balancing_loss)}`` from the training lines of a MoE run."""
+    return {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in AUX_LINE.finditer(text)}
+
+
+def valid_log(text: str) -> dict:
+    """``{name: (iteration, loss)}`` of the last validation line of each set ('valid' unnamed)."""
+    return {(m.group(1) or "valid"): (int(m.group(2)), float(m.group(3))) for m in VALID_LINE.finditer(text)}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def torchrun(argv, nproc: int = 2, timeout: float = 300, check: bool = True):
+    """Run pretrain_bam.py under torchrun on one node. Returns stdout (asserting exit code 0), or
+    with ``check=False`` the CompletedProcess."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT, *argv,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if not check:
+        return proc
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+    return proc.stdout
+
+
+def run_main(argv, capsys):
+    """``training.main(argv)`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = training.main(argv)
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def snapshot(root: str) -> dict:
+    """``{relative path: sha256}`` of every file under ``root``."""
+    result = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                result[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return result
+
+
+def iter_dirs(root: str) -> list:
+    """Names of the directories that look like checkpoints (``iter_NNNNNNN``), sorted."""
+    return sorted(n for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
+
+
+def assert_complete(ckpt_dir: str) -> None:
+    """A directory named like a checkpoint must be a whole, readable one."""
+    for name in ("metadata.json", ".metadata", "common.pt"):
+        assert os.path.isfile(os.path.join(ckpt_dir, name)), f"{ckpt_dir} lacks {name}"
+    assert glob.glob(os.path.join(ckpt_dir, "*.distcp")), f"{ckpt_dir} has no tensor files"
+    assert int(read_common(ckpt_dir)["iteration"]) == int(os.path.basename(ckpt_dir)[len("iter_"):])
+
+
+def error_lines(err: str) -> list:
+    return [line for line in err.splitlines() if "error:" in line]
+
