@@ -11,6 +11,13 @@ settings, ``RuntimeError`` for conditions met while running), so callers may cat
 
 from __future__ import annotations
 
+import errno
+from typing import Optional
+
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
 
 class BAMError(Exception):
     """A user error; the message is one line naming the problem and the fix."""
@@ -52,10 +59,42 @@ class PreprocessError(BAMError):
     """A problem with the input or the flags of data preprocessing."""
 
 
+def human_bytes(n: float) -> str:
+    """``1.50 GiB`` / ``3.20 MiB`` / ``512 B``."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def one_line(exc: BaseException) -> str:
     """``"<Type>: <first line of the message>"`` for quoting a library error in a user error."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def disk_error(exc: BaseException) -> Optional[str]:
+    """The disk condition (``"no space left on device"`` ...) somewhere in ``exc`` — its chain, or
+    the per-rank failures that torch DCP / megatron-core wrap (sometimes only as text, e.g.
+    ``RuntimeError("Worker failure: [Errno 28] ...")``) — or None."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            return DISK_ERRNOS[e.errno]
+        text = str(e) if not hasattr(e, "failures") else ""
+        for code, what in DISK_ERRNOS.items():
+            if f"[Errno {code}]" in text:
+                return what
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+    return None
 
 
 __all__ = [
@@ -63,11 +102,13 @@ __all__ = [
     "BAMError",
     "CheckpointError",
     "ConfigError",
+    "DISK_ERRNOS",
     "DataConfigError",
     "LayoutError",
     "PreprocessError",
     "TokenizerConfigError",
     "TrainingError",
     "UpcycleError",
+    "disk_error",
     "one_line",
 ]

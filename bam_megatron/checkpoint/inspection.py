@@ -165,3 +165,28 @@ def format_inspection(info: dict, show_args: bool = True) -> str:
         for k in sorted(info["args"]):
             lines.append(f"  {k} = {info['args'][k]!r}")
     return "\n".join(lines)
+
+
+def verify(path: str, progress=None) -> str:
+    """Check a checkpoint's files (structure, then every recorded checksum); returns a one-line
+    summary. Raises ``CheckpointError`` naming the first damaged file."""
+    import time
+
+    from bam_megatron.checkpoint import integrity
+
+    ckpt = resolve_checkpoint_dir(path, path)
+    say = progress or (lambda _m: None)
+    integrity.check_structure(ckpt)
+    read_common(ckpt)
+    manifest = integrity.read_manifest(ckpt)
+    if manifest is None:
+        return f"{ckpt}: structure whole (index, data files, common state); no checksums recorded, contents not verified"
+    start, done, total = time.perf_counter(), 0, sum(v["size"] for v in manifest.values())
+    for name in sorted(manifest):
+        problems = integrity.verify_files(ckpt, manifest, [name])
+        if problems:
+            raise integrity.problems_to_error(ckpt, problems)
+        done += manifest[name]["size"]
+        say(f"[verify] {done / 2**30:.2f} / {total / 2**30:.2f} GiB  {name}")
+    seconds = time.perf_counter() - start
+    return f"{ckpt}: all {len(manifest)} files match their checksums ({total / 2**30:.2f} GiB in {seconds:.1f} s)"

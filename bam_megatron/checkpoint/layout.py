@@ -13,8 +13,9 @@ this module without paying megatron-core's import time.
 
 from __future__ import annotations
 
+import glob
 import os
-from typing import Optional
+from typing import List, Optional
 
 from bam_megatron.errors import CheckpointError
 
@@ -40,6 +41,26 @@ def iteration_dir(root: str, iteration: int) -> str:
 def is_checkpoint_dir(path: str) -> bool:
     """Whether ``path`` is one complete torch_dist checkpoint (an ``iter_*`` directory)."""
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def list_iterations(root: str) -> List[int]:
+    """The iterations of the complete-looking ``iter_*`` directories under ``root``, sorted."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        digits = name[len("iter_"):]
+        if name.startswith("iter_") and digits.isdigit() and os.path.isdir(os.path.join(root, name)):
+            found.append(int(digits))
+    return sorted(found)
+
+
+def leftover_copies(root: str, iteration: int) -> List[str]:
+    """Complete copies of ``iter_<iteration>`` that an interrupted save left beside it
+    (``.tmp``: the new copy; ``.old-*``: the copy it replaces), newest kind first."""
+    base = iteration_dir(root, iteration)
+    candidates = [base + ".tmp"] + sorted(glob.glob(base + ".old-*"))
+    return [c for c in candidates if is_checkpoint_dir(c)]
 
 
 def read_tracker(root: str) -> Optional[int]:
@@ -95,5 +116,14 @@ def resolve_checkpoint_dir(path: str, what: Optional[str] = None) -> str:
     if iteration == 0 and not os.path.isdir(ckpt) and os.path.isdir(os.path.join(path, "release")):
         ckpt = os.path.join(path, "release")
     if not is_checkpoint_dir(ckpt):
+        leftovers = leftover_copies(path, iteration)
+        if leftovers:
+            return leftovers[0]  # a kill between the renames of a re-save: the data is complete
         raise CheckpointError(f"{what}: {TRACKER} points at {ckpt}, which is not a complete checkpoint")
     return ckpt
+
+
+def has_checkpoint(path: str) -> bool:
+    """Whether ``path`` holds a checkpoint to resume (a tracker or an ``iter_*`` directory
+    given directly); False for an absent or empty directory."""
+    return os.path.isdir(path) and (is_checkpoint_dir(path) or os.path.isfile(os.path.join(path, TRACKER)))

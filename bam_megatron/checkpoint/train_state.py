@@ -1,145 +1,118 @@
-"""Training checkpoints in Megatron-LM's layout, torch_dist format, written atomically.
+"""Loading a training checkpoint: verified first, then the parts the run asks for.
 
-Layout::
+A training checkpoint (written by ``checkpoint/save.py`` in Megatron-LM's layout, torch_dist
+format) holds the model (global, layout-independent keys), the optimizer state (unless none
+exists, e.g. an upcycled model), the LR scheduler, the RNG state of every rank, the iteration,
+the consumed samples and the arguments (``args``: all of them; ``MODEL_ARGS`` define the
+architecture).
 
-    <dir>/latest_checkpointed_iteration.txt     "100"  (written last)
-    <dir>/iter_0000100/                         torch_dist: *.distcp, .metadata, common.pt,
-                                                metadata.json
-
-The checkpoint holds the model (global, layout-independent keys), the optimizer state (unless
-none exists, e.g. an upcycled model), the LR scheduler, the RNG state of every rank, the
-iteration, the consumed samples and the arguments (``args``: all of them; ``MODEL_ARGS`` define
-the architecture).
-
-Atomicity: ranks write into ``iter_XXXXXXX.tmp``; after a barrier rank 0 renames it to
-``iter_XXXXXXX`` and only then rewrites the tracker (via a temporary file + rename). A crash at
-any point leaves the previous checkpoint and tracker intact and nothing that looks like a valid
-new one.
+``verify_checkpoint`` checks the files before anything is read into the model (structure always;
+checksums when recorded); ``load_checkpoint`` restores the weights and, as asked and where
+present, the optimizer, the scheduler (Megatron-LM's schedule rules, ``training/schedule.py``)
+and the RNG, and says what it did in a ``LoadReport``.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from bam_megatron.checkpoint import integrity
 from bam_megatron.checkpoint import optimizer as optimizer_state
 from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.layout import FORMAT_VERSION, TRACKER, iteration_dir
 from bam_megatron.checkpoint.rng import has_rng_shards, parallel_layout, rng_sharded_object, set_rng_state
 from bam_megatron.checkpoint.weights import EXTRA_STATE, CheckpointError, model_sharded_state_dict, unwrap_chunks
 from bam_megatron.parallel.device import get_device
 
-# ------------------------------------------------------------------------------------ save
-
 
 @dataclass
 class TrainState:
+    """Where a run is: the step, the samples consumed, the steps skipped."""
+
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
 
 
-def save_checkpoint(
-    root: str,
-    state: TrainState,
-    model: List[torch.nn.Module],
-    optimizer,
-    scheduler,
-    args_dict: dict,
-    keep_last: Optional[int] = None,
-) -> str:
-    """Write ``root/iter_<iteration>`` atomically, then the tracker; returns the directory."""
-    final = iteration_dir(root, state.iteration)
-    tmp = final + ".tmp"
-    rank = dist.get_rank()
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    dist.barrier()
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint`` restored and what it left fresh (for the start-up log)."""
 
-    model_sd = model_sharded_state_dict(model)
-    sharded = {
-        "model": model_sd,
-        "rng_state": rng_sharded_object(),
-        "args": args_dict,
-        "layout": parallel_layout(),
-        "iteration": state.iteration,
-        "consumed_train_samples": state.consumed_train_samples,
-        "skipped_iterations": state.skipped_iterations,
-        "format_version": FORMAT_VERSION,
-    }
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False)
-    if scheduler is not None:
-        sharded["opt_param_scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(sharded, tmp)
-    dist.barrier()
+    ckpt_dir: str
+    loaded: List[str] = field(default_factory=list)
+    fresh: List[str] = field(default_factory=list)
+    schedule: str = "the command line's"
 
-    if rank == 0:
-        if os.path.exists(final):  # re-saving an iteration (e.g. after a restart)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(state.iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        if keep_last:
-            _delete_old(root, keep_last, state.iteration)
-    dist.barrier()
-    return final
+    def line(self, state: TrainState) -> str:
+        text = f"[checkpoint] loaded {self.ckpt_dir} at iteration {state.iteration}: " + ", ".join(self.loaded)
+        if self.fresh:
+            text += "; fresh: " + ", ".join(self.fresh)
+        return text
 
 
-def _delete_old(root: str, keep_last: int, newest: int) -> None:
-    iters = sorted(
-        int(name[len("iter_"):])
-        for name in os.listdir(root)
-        if name.startswith("iter_") and name[len("iter_"):].isdigit()
-    )
-    for it in iters[:-keep_last]:
-        if it != newest:
-            shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+def verify_checkpoint(ckpt_dir: str, checksums: bool = True) -> None:
+    """Collective: the DCP index and data files are whole (rank 0), and — when the checkpoint
+    records them and ``checksums`` — every file matches its checksum (the ranks share the
+    files). Raises ``CheckpointError`` on every rank, naming the first damaged file."""
+    problem = None
+    if dist.get_rank() == 0:
+        try:
+            integrity.check_structure(ckpt_dir)
+        except CheckpointError as exc:
+            problem = str(exc)
+    problem = _agree(problem)
+    if problem:
+        raise CheckpointError(problem + "; restore the file or load an earlier checkpoint")
+    if not checksums:
+        return
+    try:
+        manifest = integrity.read_manifest(ckpt_dir)
+    except CheckpointError as exc:
+        manifest, problem = None, str(exc)
+    problem = _agree(problem)
+    if problem:
+        raise CheckpointError(problem)
+    if manifest is None:
+        return
+    names = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
+    problems = integrity.verify_files(ckpt_dir, manifest, names)
+    gathered: List[Optional[list]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    found = [p for part in gathered for p in (part or [])]
+    if found:
+        raise integrity.problems_to_error(ckpt_dir, found, "; restore it or load an earlier checkpoint")
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    problems: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
 
 # ------------------------------------------------------------------------------------ load
 
 
-def load_checkpoint(
-    ckpt_dir: str,
-    model: List[torch.nn.Module],
-    optimizer,
-    scheduler,
-    *,
-    load_optim: bool = True,
-    load_rng: bool = True,
-    finetune: bool = False,
-) -> TrainState:
-    """Load ``ckpt_dir`` (an ``iter_*`` directory) into the model and, unless told otherwise or
-    absent from the checkpoint, the optimizer, scheduler and RNG. Returns the resumed state
-    (iteration 0 with ``finetune``)."""
-    common = read_common(ckpt_dir)
-    if finetune:
-        load_optim = load_rng = False
+def _rng_loadable(ckpt_dir: str, common: dict, report: LoadReport) -> bool:
+    """Whether the per-rank RNG state can be restored (same layout, current format)."""
     saved_layout = common.get("layout")
-    if load_rng and saved_layout != parallel_layout():
-        if dist.get_rank() == 0:
-            why = "holds no RNG state" if saved_layout is None else f"was saved at another layout ({saved_layout} -> {parallel_layout()})"
-            print(f"[checkpoint] {ckpt_dir} {why}: RNG state not restored", flush=True)
-        load_rng = False
-    if load_rng and not has_rng_shards(ckpt_dir):
-        if dist.get_rank() == 0:
-            print(f"[checkpoint] {ckpt_dir} stores its RNG state in an older layout: RNG state not restored", flush=True)
-        load_rng = False
+    if saved_layout != parallel_layout():
+        why = "none saved" if saved_layout is None else f"saved at another layout {saved_layout}"
+        report.fresh.append(f"RNG state ({why})")
+        return False
+    if not has_rng_shards(ckpt_dir):
+        report.fresh.append("RNG state (an older format)")
+        return False
+    return True
+
+
+def _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, report) -> dict:
+    """The sharded state dict to load: the model, plus the optimizer and RNG when asked for and
+    present."""
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
     has_optim = bool(optimizer_state.saved_parts(common))  # a chain's tensors are "chained_<i>.optimizer..."
@@ -147,50 +120,95 @@ def load_checkpoint(
         sharding = optimizer_state.check_loadable(common, optimizer, parallel_layout(), ckpt_dir)
         optimizer_state.prepare_for_load(optimizer)
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True, sharding=sharding)
-    elif load_optim and optimizer is not None and dist.get_rank() == 0:
-        print(f"[checkpoint] {ckpt_dir} has no optimizer state: starting the optimizer fresh", flush=True)
-    if load_rng:
+    elif optimizer is not None:
+        report.fresh.append("optimizer (" + ("none saved" if load_optim else "--no-load-optim") + ")")
+    if load_rng and _rng_loadable(ckpt_dir, common, report):
         sharded["rng_state"] = rng_sharded_object()
+    return sharded
 
-    # megatron-core's names: "unexpected" = asked for but not in the checkpoint; "missing" = in
-    # the checkpoint but asked for by no rank (e.g. optimizer state or RNG not loaded: fine)
-    loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
+
+def _check_nothing_missing(ckpt_dir: str, unexpected) -> None:
+    """Every rank stops when any rank asked for a tensor the checkpoint lacks."""
     absent = sorted(k for k in unexpected if EXTRA_STATE not in k and k != "rng_state")
-    # "unexpected" differs between ranks: all of them stop, not only those that saw it
-    flag = torch.tensor([float(len(absent))],
-                        device=get_device())
+    flag = torch.tensor([float(len(absent))], device=get_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() > 0:
-        what = f"has no tensor {absent[0]!r} ({len(absent)} missing)" if absent else "lacks tensors of this model"
-        if absent and absent[0].startswith("optimizer"):
-            raise CheckpointError(f"checkpoint {ckpt_dir} {what}: its optimizer state does not fit; add --no-load-optim")
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} {what}: it was saved from a different model; check the model "
-            "arguments (or use --use-checkpoint-args)"
-        )
+    if flag.item() == 0:
+        return
+    what = f"has no tensor {absent[0]!r} ({len(absent)} missing)" if absent else "lacks tensors of this model"
+    if absent and absent[0].startswith("optimizer"):
+        raise CheckpointError(f"checkpoint {ckpt_dir} {what}: its optimizer state does not fit; add --no-load-optim")
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} {what}: it was saved from a different model; check the model "
+        "arguments (or use --use-checkpoint-args)"
+    )
+
+
+def _restore(loaded: dict, sharded: dict, unexpected, model, optimizer, report: LoadReport) -> None:
+    """Put the loaded parts into the model, the optimizer and the RNG."""
     chunks = unwrap_chunks(model)
     states = [loaded["model"]] if len(chunks) == 1 else [loaded["model"][f"model{i}"] for i in range(len(chunks))]
     for chunk, st in zip(chunks, states):
         chunk.load_state_dict(st, strict=False)
+    report.loaded.append("weights")
     # ``loaded`` also holds the checkpoint's non-tensor state (its "optimizer" part too): only
     # what was asked for goes back in
     if "optimizer" in sharded:
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(loaded["optimizer"])
         optimizer_state.restore_adam_steps(optimizer)
+        report.loaded.append("optimizer")
     if "rng_state" in sharded:
         if "rng_state" in unexpected:
-            if dist.get_rank() == 0:
-                print(f"[checkpoint] {ckpt_dir} holds no RNG state: not restored", flush=True)
+            report.fresh.append("RNG state (none saved)")
         else:
             set_rng_state(loaded["rng_state"])
+            report.loaded.append("RNG state")
 
+
+def _restore_schedule(scheduler, common: dict, load_optim: bool, report: LoadReport) -> None:
+    """The scheduler: the checkpoint's state (megatron-core's rules for which values win), or with
+    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step."""
+    from bam_megatron.training.schedule import continue_schedule
+
+    if scheduler is None:
+        return
+    saved = common.get("opt_param_scheduler")
+    if load_optim and saved:
+        scheduler.load_state_dict(saved)
+        report.loaded.append("LR scheduler")
+        report.schedule = (
+            "the command line's (--override-opt-param-scheduler)" if scheduler.override_opt_param_scheduler
+            else "the checkpoint's" if scheduler.use_checkpoint_opt_param_scheduler else "the checkpoint's (same values)"
+        )
+    elif int(common.get("iteration", 0)) > 0 or saved:
+        continue_schedule(scheduler, saved, int(common.get("consumed_train_samples", 0)))
+        report.schedule = "the command line's, continued from the checkpoint's step"
+
+
+def load_checkpoint(ckpt_dir: str, model: List[torch.nn.Module], optimizer, scheduler, *,
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
+                    checksums: bool = True) -> Tuple[TrainState, LoadReport]:
+    """Verify ``ckpt_dir`` (an ``iter_*`` directory), then load it into the model and, unless
+    told otherwise or absent from the checkpoint, the optimizer, scheduler and RNG. Returns the
+    resumed state (iteration 0 with ``finetune``: weights only) and what was loaded."""
+    verify_checkpoint(ckpt_dir, checksums)
+    common = read_common(ckpt_dir)
+    report = LoadReport(ckpt_dir)
     if finetune:
-        return TrainState()
-    if scheduler is not None and "opt_param_scheduler" in common and load_optim:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-    return TrainState(
+        load_optim = load_rng = False
+        report.fresh.append("iteration, optimizer, LR schedule, RNG (weights only)")
+    sharded = _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, report)
+    # megatron-core's names: "unexpected" = asked for but not in the checkpoint; "missing" = in
+    # the checkpoint but asked for by no rank (e.g. optimizer state or RNG not loaded: fine)
+    loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
+    _check_nothing_missing(ckpt_dir, unexpected)
+    _restore(loaded, sharded, unexpected, model, optimizer, report)
+    if finetune:
+        return TrainState(), report
+    _restore_schedule(scheduler, common, load_optim, report)
+    state = TrainState(
         iteration=int(common.get("iteration", 0)),
         consumed_train_samples=int(common.get("consumed_train_samples", 0)),
         skipped_iterations=int(common.get("skipped_iterations", 0)),
     )
+    return state, report

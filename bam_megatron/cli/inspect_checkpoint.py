@@ -24,11 +24,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     p.add_argument("--all", action="store_true", help="Also list optimizer, RNG and extra-state entries.")
     p.add_argument("--no-args", action="store_true", help="Leave out the recorded arguments (text output).")
+    p.add_argument("--verify", action="store_true",
+                   help="Check that every file is whole: the index and the data files it points into, and each file "
+                   "against its recorded checksum. Exit status 1 and one line naming the first damaged file otherwise.")
     args = p.parse_args(argv)
-    from bam_megatron.checkpoint.inspection import format_inspection, inspect_checkpoint
+    from bam_megatron.checkpoint.inspection import format_inspection, inspect_checkpoint, verify
     from bam_megatron.errors import BAMError
 
     try:
+        if args.verify:
+            print(verify(args.checkpoint, progress=lambda m: print(m, file=sys.stderr, flush=True)), flush=True)
+            return 0
         info = inspect_checkpoint(args.checkpoint, include_all=args.all)
     except BAMError as exc:
         print(f"inspect_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Softmax over all experts before top-k (BAM, default); --no-moe-router-pre-softmax: softmax over the chosen k (BTX).")
     p.add_argument("--attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing recorded for training (default soft).")
     p.add_argument("--attn-topk", type=int, default=1, help="k for --attn-routing topk.")
+    g = p.add_argument_group("training settings recorded for the MoE (default: the seeds'; --use-checkpoint-args restores them unless the training command line gives them)")
+    g.add_argument("--hidden-dropout", type=float, default=None, help="Dropout after attention and FFN.")
+    g.add_argument("--attention-dropout", type=float, default=None, help="Dropout on attention probabilities.")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="Load-balancing loss coefficient (BTX: 0.01).")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
+    g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], default=None, help="Load-balancing method.")
     p.add_argument("--force", action="store_true", help="Replace an existing output (only once the new one is complete).")
     p.add_argument("--part-size-mb", type=float, default=128,
                    help="Write buffer: the output is saved in parts of about this size (at most three in memory), then merged (default 128).")
@@ -83,6 +89,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         attn_routing=args.attn_routing,
         attn_topk=args.attn_topk,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
     )
     release_freed_buffers()
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy
 
+from bam_megatron.data.index_check import check_indexed_dataset
 from bam_megatron.errors import DataConfigError
 
 Blend = Tuple[List[str], Optional[List[float]]]
@@ -51,7 +52,8 @@ def _entries(paths: Union[str, Sequence[str]], flag: str) -> List[str]:
 
 
 def check_prefix_exists(prefix: str, flag: str = "--data-path") -> None:
-    """Raise :class:`DataConfigError` unless ``prefix.bin`` and ``prefix.idx`` both exist."""
+    """Raise :class:`DataConfigError` unless ``prefix.bin`` and ``prefix.idx`` both exist and
+    belong together (``index_check.check_indexed_dataset``)."""
     for suffix in (".bin", ".idx"):
         if prefix.endswith(suffix):
             raise DataConfigError(
@@ -62,6 +64,7 @@ def check_prefix_exists(prefix: str, flag: str = "--data-path") -> None:
         path = prefix + suffix
         if not os.path.isfile(path):
             raise DataConfigError(f"{flag}: {path} not found; {_PREPROCESS_HINT}")
+    check_indexed_dataset(prefix, flag)
 
 
 def parse_data_path(

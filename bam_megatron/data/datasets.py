@@ -57,6 +57,10 @@ from bam_megatron.patches.megatron_datasets import BlendedDatasetBuilder as _Bui
 
 logger = logging.getLogger(__name__)
 
+# Named validation sets are sampled with this seed whatever --seed says, so that runs (and the
+# evaluation tool) with different seeds are measured on the same samples.
+VALIDATION_SEED = 1234
+
 
 __all__ = [
     "DataConfigError",
@@ -290,7 +294,7 @@ def _build_named_valid(named, config, common, full_validation, num_samples, is_b
         blend_per_split=[None, (prefixes, None), None],
         multiple_validation_sets=True,
         full_validation=full_validation,
-        **common,
+        **{**common, "random_seed": VALIDATION_SEED},
     )
     valid_size = None if full_validation else num_samples[1]
     check_splits_have_tokens(prefixes, [None, (0.0, 1.0), None], [None, valid_size, None], "--valid-sets")
@@ -302,6 +306,31 @@ def _build_named_valid(named, config, common, full_validation, num_samples, is_b
     if len(built) != len(prefixes):
         raise RuntimeError(f"expected {len(prefixes)} validation sets, got {len(built)}")
     return OrderedDict(zip(named.keys(), built)), vconfig
+
+
+class PaddedDataset(torch.utils.data.Dataset):
+    """``dataset`` followed by copies of its first samples, with a zero loss mask, up to a
+    multiple of ``multiple`` samples: whole global batches in which every real sample counts once."""
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset, self.real = dataset, len(dataset)
+        self.length = -(-self.real // multiple) * multiple if self.real else 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index % self.real]
+        if index < self.real:
+            return item
+        item = dict(item)
+        item["loss_mask"] = torch.zeros_like(item["loss_mask"])
+        return item
+
+
+def pad_to_multiple(dataset, multiple: int) -> PaddedDataset:
+    """See ``PaddedDataset``."""
+    return PaddedDataset(dataset, multiple)
 
 
 def _warn_on_overlap(valid_prefixes: Sequence[str], config: Optional[GPTDatasetConfig]) -> None:

@@ -62,11 +62,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from bam_megatron.checkpoint import integrity
 from bam_megatron.checkpoint.dcp_reader import layer_blocks
 from bam_megatron.checkpoint.dcp_writer import PartWriter, fsync_dir, write_file
 from bam_megatron.checkpoint.inspection import human_count
 from bam_megatron.checkpoint.layout import COMMON_FILE, CONFIG_FILE, FORMAT_VERSION, MEGATRON_CONFIG, TRACKER, iteration_dir
-from bam_megatron.errors import UpcycleError
+from bam_megatron.errors import UpcycleError, disk_error
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle.plan import (
     OutputTensor,
@@ -308,6 +309,7 @@ def _finish_checkpoint(tmp: str, writer: PartWriter, plan, common: dict, sync: b
     torch.save(common, buf)
     write_file(os.path.join(final, COMMON_FILE), buf.getvalue(), sync)
     write_file(os.path.join(final, CONFIG_FILE), json.dumps(MEGATRON_CONFIG).encode(), sync)
+    integrity.write_manifest(final, integrity.checksum_files(final, integrity.checkpoint_files(final)))
     write_file(os.path.join(tmp, TRACKER), b"0", sync)
     shutil.rmtree(os.path.join(tmp, "parts"))
     if sync:
@@ -374,13 +376,17 @@ def upcycle(
         _finish_checkpoint(tmp, writer, plan, _common_state(args, seeds, weights, opts, result.router_std), sync)
         report(f"merged {writer.num_parts} parts")
         _move_into_place(tmp, output, sync)
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             try:
                 writer.close()
             except Exception:
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
+        what = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_error(exc)
+        if what:
+            kept = "the existing output is untouched" if os.path.lexists(output) else "nothing was written"
+            raise UpcycleError(f"{what} while writing {tmp}; {kept}; free space or choose another --output") from None
         raise
     result.bytes_read = sum(r.bytes_read for r in readers)
     result.bytes_written = writer.bytes_written

@@ -26,7 +26,16 @@ CARRIED_ARGS = (
     "tokenizer_model",
     "make_vocab_size_divisible_by",
     "init_method_std",
+    "hidden_dropout",
+    "attention_dropout",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "moe_router_load_balancing_type",
 )
+# Training settings the user may set for the MoE (recorded; restored by --use-checkpoint-args
+# unless the training command line gives them).
+TRAINING_OPTIONS = ("hidden_dropout", "attention_dropout", "moe_aux_loss_coeff", "moe_z_loss_coeff",
+                    "moe_router_load_balancing_type")
 
 
 @dataclass
@@ -42,6 +51,12 @@ class UpcycleOptions:
     moe_router_pre_softmax: bool = True
     attn_routing: str = "soft"
     attn_topk: int = 1
+    # None: the seeds' recorded values (seed 0's)
+    hidden_dropout: Optional[float] = None
+    attention_dropout: Optional[float] = None
+    moe_aux_loss_coeff: Optional[float] = None
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_load_balancing_type: Optional[str] = None
 
 
 @dataclass
@@ -150,6 +165,9 @@ def output_args(arch: Architecture, n: int, opts: UpcycleOptions) -> dict:
         bam_sequential_block=arch.sequential,
     )
     args.setdefault("init_method_std", 0.02)
+    for name in TRAINING_OPTIONS:
+        if getattr(opts, name) is not None:
+            args[name] = getattr(opts, name)
     return args
 
 

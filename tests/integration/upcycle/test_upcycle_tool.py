@@ -465,3 +465,34 @@ def test_streaming_reads_one_layer_of_one_seed_at_a_time(seeds, tmp_path, monkey
                                              for k in result.arch.layer_keys}
     assert {key for _, key, _ in regions if not key.startswith(LP)} == set(result.arch.global_keys)
     assert result.num_parts > 3 and result.params.total == sum(t.numel for t in result.plan.values())
+
+
+def test_recorded_training_settings_reach_the_mix_run(seeds, tmp_path, capsys):
+    """The output records the seeds' dropout and the user's MoE loss settings; README's mix
+    command (no model or tokenizer flags) trains with them."""
+    out = tmp_path / "bam"
+    rc, _out, err = _run_cli(["-o", out, "--moe-aux-loss-coeff", "0.02", "--moe-z-loss-coeff", "0.003", "-q",
+                              seeds["a"], seeds["b"]], capsys)
+    assert rc == 0, err
+    args = read_common(resolve_checkpoint_dir(str(out)))["args"]
+    assert args["hidden_dropout"] == 0.0 and args["attention_dropout"] == 0.0  # the seeds'
+    assert args["moe_aux_loss_coeff"] == 0.02 and args["moe_z_loss_coeff"] == 0.003
+    assert args["tokenizer_type"] == "NullTokenizer" and args["vocab_size"] == 128
+    summary = _pretrain(["--load", str(out), "--use-checkpoint-args", "--mock-data", "--train-iters", "2",
+                         "--micro-batch-size", "2", "--eval-iters", "1"])
+    assert summary["iteration"] == 2
+    log = capsys.readouterr().out
+    assert "[checkpoint-args] --moe-aux-loss-coeff 0.02" in log and "[checkpoint-args] --hidden-dropout 0.0" in log
+
+
+def test_full_disk_during_upcycle_is_one_line_and_writes_nothing(seeds, tmp_path, capsys, monkeypatch):
+    from bam_megatron.checkpoint import dcp_writer
+
+    def full_disk(self, part_dir, tensors):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dcp_writer.PartWriter, "_save_part", full_disk)
+    rc, _out, err = _run_cli(["-o", tmp_path / "bam", "-q", seeds["a"], seeds["b"]], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and len(lines) == 1 and "no space left on device" in lines[0] and "nothing was written" in lines[0], err
+    assert os.listdir(tmp_path) == []

@@ -11,11 +11,11 @@ import megatron.core
 import pytest
 import torch
 
-from bam_megatron.patches import cpu_runtime, megatron_datasets, megatron_moe
+from bam_megatron.patches import cpu_runtime, megatron_datasets, megatron_moe, megatron_save_workers
 
 
 def test_patches_name_the_megatron_core_release_they_target():
-    for patch in (cpu_runtime, megatron_moe, megatron_datasets):
+    for patch in (cpu_runtime, megatron_moe, megatron_datasets, megatron_save_workers):
         assert patch.TARGET_VERSION == "0.16.1", patch.__name__
     assert megatron.core.__version__.startswith("0.16."), (
         f"megatron-core {megatron.core.__version__}: revisit every module of bam_megatron/patches"
@@ -59,3 +59,16 @@ def test_megatron_datasets_patch_still_needed_and_fits():
     params = list(inspect.signature(BlendedMegatronDatasetBuilder.build_generic_dataset).parameters)
     assert params[:3] == ["cls", "is_built_on_rank", "synchronize_ranks"]
     assert megatron_datasets.BlendedDataset.__name__ == BlendedDataset.__name__  # same cache hash
+
+
+def test_save_workers_patch_fits_megatron_core_checkpoint_writer():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    assert hasattr(fsa, "_results_queue") and callable(fsa._get_write_results_queue)
+    assert "_results_queue" in inspect.getsource(fsa._get_write_results_queue)
+    assert "Manager()" in inspect.getsource(fsa._get_write_results_queue)  # what the patch replaces
+    multiproc = inspect.getsource(fsa.FileSystemWriterAsync.write_preloaded_data_multiproc)
+    assert "FileSystemWriterAsync.write_preloaded_data" in multiproc and 'get_context("fork")' in multiproc
+    megatron_save_workers.apply()
+    assert getattr(fsa.FileSystemWriterAsync.write_preloaded_data, "_dies_with_parent", False)
+    assert fsa._results_queue is not None

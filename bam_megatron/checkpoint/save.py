@@ -1,0 +1,198 @@
+"""Saving a training checkpoint so that no sequence of kills leaves a damaged latest one.
+
+Order of work (every rank takes part; rank 0 renames and writes the tracker):
+
+1. rank 0 makes ``iter_N.tmp`` (a leftover one is removed) and checks the free space against the
+   previous checkpoint's size;
+2. ``dist_checkpointing.save`` writes into ``iter_N.tmp``; a failure on any rank (disk full,
+   read-only, quota) is one line for every rank, and ``iter_N.tmp`` is removed;
+3. each rank checksums the files it wrote, rank 0 the rest, and writes ``checksums.json``;
+4. rank 0 publishes: an existing ``iter_N`` (a re-save of the same iteration) is first renamed to
+   ``iter_N.old-<random>``, then ``iter_N.tmp`` becomes ``iter_N``, then the tracker is replaced
+   (temporary file + rename), then the old copy and checkpoints beyond ``--keep-last-checkpoints``
+   are deleted.
+
+A kill between the two renames of step 4 leaves the tracker naming a missing ``iter_N`` next to
+two complete copies; ``layout.resolve_checkpoint_dir`` finds and uses one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from typing import Dict, List, Optional
+
+import torch.distributed as dist
+
+from bam_megatron.checkpoint import integrity
+from bam_megatron.checkpoint import optimizer as optimizer_state
+from bam_megatron.checkpoint.layout import FORMAT_VERSION, TRACKER, iteration_dir, list_iterations
+from bam_megatron.checkpoint.rng import parallel_layout, rng_sharded_object
+from bam_megatron.checkpoint.weights import model_sharded_state_dict
+from bam_megatron.errors import DISK_ERRNOS, CheckpointError, disk_error, human_bytes, one_line
+
+
+def directory_bytes(path: str) -> int:
+    """Total size of the files under ``path``."""
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem (or None) on every rank."""
+    problems: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def _previous(root: str) -> Optional[str]:
+    iters = list_iterations(root)
+    return iteration_dir(root, iters[-1]) if iters else None
+
+
+def _prepare_tmp(root: str, tmp: str) -> Optional[str]:
+    """Rank 0: a fresh ``tmp`` with room for a checkpoint the size of the previous one."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    except OSError as exc:
+        return f"cannot write checkpoints into --save {root}: {DISK_ERRNOS.get(exc.errno, one_line(exc))}"
+    previous = _previous(root)
+    if previous:
+        need, free = directory_bytes(previous), shutil.disk_usage(root).free
+        if free < need:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return (f"not enough free space in --save {root} for a checkpoint ({human_bytes(need)} needed, "
+                    f"{human_bytes(free)} free); the previous checkpoint {previous} is intact; free space or "
+                    "choose another --save")
+    return None
+
+
+def _sharded_state(state, model, optimizer, scheduler, args_dict: dict) -> dict:
+    model_sd = model_sharded_state_dict(model)
+    sharded = {
+        "model": model_sd,
+        "rng_state": rng_sharded_object(),
+        "args": args_dict,
+        "layout": parallel_layout(),
+        "iteration": state.iteration,
+        "consumed_train_samples": state.consumed_train_samples,
+        "skipped_iterations": state.skipped_iterations,
+        "format_version": FORMAT_VERSION,
+    }
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False)
+    if scheduler is not None:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    return sharded
+
+
+def _write(sharded: dict, tmp: str, root: str) -> None:
+    """``dist_checkpointing.save`` into ``tmp``; a disk failure on any rank -> one line on all."""
+    from megatron.core import dist_checkpointing
+
+    from bam_megatron.patches import megatron_save_workers
+
+    megatron_save_workers.apply()
+    problem, bug = None, None
+    try:
+        dist_checkpointing.save(sharded, tmp)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
+        what = disk_error(exc)
+        if what:
+            problem = f"{what} while writing {tmp}"
+        else:
+            bug, problem = exc, f"saving failed on rank {dist.get_rank()} ({one_line(exc)})"
+    problem = _agree(problem)
+    if problem is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if bug is not None:
+        raise bug  # not a disk condition: keep its traceback
+    previous = _previous(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint was written"
+    raise CheckpointError(f"{problem}; {kept}; free space or choose another --save")
+
+
+def _write_checksums(tmp: str) -> None:
+    """Every rank checksums the files it wrote (``__<rank>_*``), rank 0 also the rest; rank 0
+    writes the manifest."""
+    rank = dist.get_rank()
+    names = integrity.checkpoint_files(tmp)
+    mine = [n for n in names if n.startswith(f"__{rank}_")]
+    entries: Dict[str, Dict[str, int]] = integrity.checksum_files(tmp, mine)
+    gathered: List[Optional[dict]] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entries)
+    if rank == 0:
+        merged: Dict[str, Dict[str, int]] = {}
+        for part in gathered:
+            merged.update(part or {})
+        merged.update(integrity.checksum_files(tmp, [n for n in names if n not in merged]))
+        integrity.write_manifest(tmp, merged)
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int]) -> None:
+    """Rank 0: move ``tmp`` into place (an older copy of the same iteration aside first), then the
+    tracker, then delete what is no longer needed."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{secrets.token_hex(4)}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _remove_leftovers(root)
+    if keep_last:
+        for it in list_iterations(root)[:-keep_last]:
+            if it != iteration:
+                shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+def _remove_leftovers(root: str) -> None:
+    """Folders that interrupted saves left (``iter_*.tmp``, ``iter_*.old-*``): once the tracker
+    names a newer complete checkpoint nothing needs them."""
+    for name in os.listdir(root):
+        if name.startswith("iter_") and (name.endswith(".tmp") or ".old-" in name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def save_checkpoint(root: str, state, model, optimizer, scheduler, args_dict: dict,
+                    keep_last: Optional[int] = None, checksums: bool = True) -> str:
+    """Write ``root/iter_<iteration>`` (see the module docstring); returns the directory.
+
+    Raises:
+        CheckpointError: the disk refused the checkpoint (every rank; nothing was published).
+    """
+    final = iteration_dir(root, state.iteration)
+    tmp = final + ".tmp"
+    problem = _prepare_tmp(root, tmp) if dist.get_rank() == 0 else None
+    problem = _agree(problem)
+    if problem:
+        raise CheckpointError(problem)
+    _write(_sharded_state(state, model, optimizer, scheduler, args_dict), tmp, root)
+    if checksums:
+        _write_checksums(tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _publish(root, tmp, final, state.iteration, keep_last)
+    dist.barrier()
+    return final
+
