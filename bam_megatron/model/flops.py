@@ -19,6 +19,8 @@ Top-k attention routing still computes every expert (the fused kernel masks the 
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 
 def flops_per_token(
     *,
@@ -51,3 +53,49 @@ def flops_per_token(
         ffn += 2 * d * ffn_experts
     total = num_layers * (attn + ffn) + 2 * d * vocab_size
     return total * (3 if training else 1)
+
+
+def parameter_counts(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    head_dim: int,
+    ffn_hidden_size: int,
+    vocab_size: int,
+    gated_linear_unit: bool = True,
+    attn_experts: int = 1,
+    kv_sharing: bool = False,
+    attn_topk: Optional[int] = None,
+    ffn_experts: int = 0,
+    ffn_topk: int = 1,
+    untied_output: bool = True,
+    sequential_block: bool = False,
+    bias: bool = False,
+) -> Tuple[int, int]:
+    """``(total, active per token)`` parameters (weights, norms; biases when ``bias``).
+
+    Active counts every attention expert under soft routing (``attn_topk=None``), ``attn_topk``
+    of them under top-k routing, and ``ffn_topk`` FFN experts; embeddings count once (twice when
+    the output layer is untied)."""
+    d, h, g, dh, f = hidden_size, num_attention_heads, num_query_groups, head_dim, ffn_hidden_size
+    n_a = attn_experts
+    q_o = 2 * h * dh * d  # Q and O of one attention expert
+    kv = 2 * g * dh * d  # K and V of one expert (or the shared ones)
+    per_attn_expert = q_o + (0 if kv_sharing and n_a > 1 else kv)
+    shared_attn = kv if kv_sharing and n_a > 1 else 0
+    router_a = n_a * d if n_a > 1 else 0
+    per_ffn_expert = (3 if gated_linear_unit else 2) * d * f
+    if bias:
+        per_attn_expert += (h + 2 * g) * dh + d
+        per_ffn_expert += (2 if gated_linear_unit else 1) * f + d
+    router_f = ffn_experts * d
+    norms = d * (2 if sequential_block else 1)
+    n_f = max(ffn_experts, 1)
+    layer_total = n_a * per_attn_expert + shared_attn + router_a + n_f * per_ffn_expert + router_f + norms
+    active_a = n_a if attn_topk is None else attn_topk
+    active_f = ffn_topk if ffn_experts else 1
+    layer_active = layer_total - (n_a - active_a) * per_attn_expert - (n_f - active_f) * per_ffn_expert
+    outside = vocab_size * d * (2 if untied_output else 1) + d  # embeddings, final norm
+    return num_layers * layer_total + outside, num_layers * layer_active + outside

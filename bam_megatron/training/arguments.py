@@ -59,14 +59,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="pretrain_bam.py",
-        description="Train dense seeds, branched experts and BAM mixture-of-experts models on "
-        "megatron-core (GPU: NCCL, bf16; no GPU: gloo, fp32).",
-        allow_abbrev=False,
-    )
-
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=False, help="Number of transformer layers.")
     g.add_argument("--hidden-size", type=int, help="Transformer hidden size.")
@@ -92,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bf16 weights and compute (the default on GPU; needs a GPU).")
     g.add_argument("--fp32", action="store_true", help="fp32 on GPU too (CPU always uses fp32).")
 
+
+def _add_bam_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("BAM (attention experts and block type)")
     g.add_argument("--bam-attn-experts", type=int, default=1, help="Attention experts per layer (1 = ordinary attention). Spread over --expert-model-parallel-size.")
     g.add_argument("--bam-attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing: soft (all experts, the paper's default) or top-k.")
@@ -100,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bam-kv-sharing", action="store_true", help="Share K,V across attention experts (Q,O per expert).")
     g.add_argument("--bam-sequential-block", action="store_true", help="Sequential blocks (attention then FFN, two norms) instead of parallel blocks.")
 
+
+def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixture of experts (FFN)")
     g.add_argument("--num-experts", type=int, default=None, help="FFN experts per layer (none: dense FFN).")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="Expert FFN size (default --ffn-hidden-size).")
@@ -110,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
     g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"], default="allgather", help="Token dispatcher.")
 
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor-parallel size.")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel size.")
@@ -120,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap the gradient reduce with the backward pass.")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="Collective timeout.")
 
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batches and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1, help="Sequences per micro-batch per data-parallel rank.")
     g.add_argument("--global-batch-size", type=int, default=None, help="Sequences per step (default micro × data-parallel size); the rest is gradient accumulation.")
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-modules", nargs="*", default=None, help="Selective recompute modules: core_attn mlp moe moe_act.")
     g.add_argument("--max-skipped-nan-iters", type=int, default=10, help="Skip up to this many steps with a NaN/inf loss or gradient, then stop.")
 
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None, help="Indexed dataset prefix, or a weighted blend: 0.3 code 0.7 web.")
     g.add_argument("--split", default="969,30,1", help="Train,valid,test proportions of --data-path.")
@@ -153,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reset-position-ids", action="store_true", help="Restart positions after each end-of-document.")
     g.add_argument("--reset-attention-mask", action="store_true", help="No attention across documents.")
 
-    add_tokenizer_args(p, default="NullTokenizer")
 
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="Checkpoint directory to write.")
     g.add_argument("--load", default=None, help="Checkpoint directory to resume / start from.")
@@ -163,18 +166,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true", help="Load only the weights; start at iteration 0 (branching from a seed).")
     g.add_argument("--no-load-optim", action="store_true", help="Do not load optimizer state.")
     g.add_argument("--no-load-rng", action="store_true", help="Do not load RNG state.")
-    g.add_argument("--use-checkpoint-args", action="store_true", help="Take the model arguments from the checkpoint in --load.")
-    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--use-checkpoint-args", action="store_true", help="Take the model and tokenizer arguments from the checkpoint to load (one log line per replaced command-line value).")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist", help="Checkpoint format (torch_dist, the only one).")
+    g.add_argument("--pretrained-checkpoint", default=None, help="What a fresh start loads when --load holds no checkpoint yet (weights only, like --finetune): one command line for a first run and its requeues.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true", help="Stop with an error when --load holds no checkpoint (default: warn and start from scratch, or from --pretrained-checkpoint).")
+    g.add_argument("--override-opt-param-scheduler", action="store_true", help="Resuming: this command line's LR schedule replaces the checkpoint's; the step count continues.")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true", help="Resuming: keep the checkpoint's LR schedule whatever this command line says.")
+    g.add_argument("--force-save-lock", action="store_true", help="Take over the lock of --save even from a run that looks alive (only when you know it is gone).")
+    g.add_argument("--allow-save-rewind", action="store_true", help="Save into a --save whose newest checkpoint is ahead of this run (its tracker moves back).")
+    g.add_argument("--no-checkpoint-checksums", dest="checkpoint_checksums", action="store_false", help="Neither write per-file checksums when saving nor verify them when loading.")
 
+
+def _add_logging_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10, help="Steps between log lines.")
     g.add_argument("--eval-interval", type=int, default=1000, help="Steps between validations.")
     g.add_argument("--eval-iters", type=int, default=10, help="Micro-batches per validation (per set).")
     g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
+    g.add_argument("--full-validation", action="store_true", help="Every validation makes one pass over each held-out set (every sample once), instead of --eval-iters batches.")
     g.add_argument("--wandb-project", default=None, help="Log to this wandb project (WANDB_MODE=offline works without network).")
     g.add_argument("--wandb-exp-name", default=None, help="wandb run name.")
     g.add_argument("--wandb-save-dir", default=None, help="wandb directory.")
     g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard events here.")
+
+
+def _add_exit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("preemption and stopping early (save a checkpoint, exit 0)")
+    g.add_argument("--exit-signal-handler", action="store_true", help="On --exit-signal: finish the current iteration, save a checkpoint, exit 0.")
+    g.add_argument("--exit-signal", choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"], default="SIGTERM", help="The signal --exit-signal-handler acts on (e.g. SIGUSR1 with #SBATCH --signal=USR1@300).")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="Save and exit after this many minutes of training.")
+    g.add_argument("--exit-interval", type=int, default=None, help="Save and exit after an iteration divisible by this.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pretrain_bam.py",
+        description="Train dense seeds, branched experts and BAM mixture-of-experts models on "
+        "megatron-core (GPU: NCCL, bf16; no GPU: gloo, fp32).",
+        allow_abbrev=False,
+    )
+
+    _add_model_args(p)
+    _add_bam_args(p)
+    _add_moe_args(p)
+    _add_parallel_args(p)
+    _add_schedule_args(p)
+    _add_data_args(p)
+    add_tokenizer_args(p, default="NullTokenizer")
+    _add_checkpoint_args(p)
+    _add_logging_args(p)
+    _add_exit_args(p)
     return p
 
 
@@ -229,7 +270,11 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         if args.moe_router_topk == 1:
             _check(parser, args.moe_router_pre_softmax, "--moe-router-topk 1 needs --moe-router-pre-softmax")
     _check(parser, not (args.finetune and args.load is None), "--finetune needs --load")
-    _check(parser, not (args.use_checkpoint_args and args.load is None), "--use-checkpoint-args needs --load")
+    _check(parser, not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+           "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
+    _check(parser, args.exit_interval is None or args.exit_interval >= 1, "--exit-interval must be at least 1")
+    _check(parser, not (args.use_checkpoint_args and args.load is None and args.pretrained_checkpoint is None),
+           "--use-checkpoint-args needs --load (or --pretrained-checkpoint)")
     _check(parser, args.recompute_granularity != "full" or args.recompute_method is not None,
            "--recompute-granularity full needs --recompute-method uniform|block")
     return args

@@ -1,7 +1,13 @@
-"""Validation: the mean loss over held-out sets, with routing statistics per named set.
+"""Validation: the token-weighted loss over held-out sets, the same samples every time.
 
-``evaluate`` runs ``--eval-iters`` forward-only steps of one global batch on one dataset;
-``run_validation`` does it for the run's validation split and every named set
+Every evaluation of a run — at ``--eval-interval``, at the end, or in ``tools/evaluate_bam.py``
+on a saved checkpoint — reads the same validation samples: the first ``--eval-iters`` global
+batches of each set (their number does not depend on ``--train-iters``), or with
+``--full-validation`` one pass over the whole set (padded to whole global batches with samples
+whose loss mask is zero, so every real token counts exactly once, at any batch size or layout).
+The loss is the mean over all loss-masked tokens (not a mean of per-batch means).
+
+``run_validation`` evaluates the run's validation split and every named set
 (``--valid-data-path NAME:PREFIX``), prints Megatron-LM's validation lines and logs them.
 """
 
@@ -9,26 +15,54 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional
+from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 
+from bam_megatron.parallel.device import get_device
 from bam_megatron.training.metrics import print_rank_last, validation_line
 from bam_megatron.training.routing import RoutingRecorder
-from bam_megatron.training.step import clear_moe_tracker, forward_step, reduce_losses
+from bam_megatron.training.step import batch_to_device, check_vocabulary, clear_moe_tracker
 
 
-def evaluate(run, data_iterator) -> Optional[float]:
-    """Mean validation loss over ``--eval-iters`` steps of one global batch (None: no data)."""
+def _token_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Per-token losses ``output [b, s]`` -> (mean, {sum of masked losses, masked tokens})."""
+    mask = loss_mask.float()
+    total = (output.float() * mask).sum()
+    count = mask.sum()
+    return total / count.clamp(min=1), {"loss sum": total.detach().clone(), "tokens": count.detach().clone()}
+
+
+def _eval_step(device, vocab_size, data_iterator, model):
+    batch = next(data_iterator)
+    check_vocabulary(batch, vocab_size)
+    batch = batch_to_device(batch, device)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(_token_loss, batch["loss_mask"])
+
+
+def _reduce(losses: List[dict], totals: torch.Tensor) -> None:
+    """Add one step's (loss sum, tokens) of this rank's micro-batches into ``totals``."""
+    from megatron.core import parallel_state as ps
+
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for d in losses:
+            totals[0] += d["loss sum"].double().item()
+            totals[1] += d["tokens"].double().item()
+
+
+def evaluate(run, data_iterator, steps: int) -> Optional[float]:
+    """Mean loss over every masked token of ``steps`` global batches (None: no data)."""
     args = run.args
     for m in run.model:
         m.eval()
-    total, count = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for _ in range(args.eval_iters):
+        for _ in range(steps):
             try:
                 losses = run.forward_backward_func(
-                    forward_step_func=partial(forward_step, run.device),
+                    forward_step_func=partial(_eval_step, run.device, args.padded_vocab_size),
                     data_iterator=data_iterator,
                     model=run.model,
                     num_microbatches=run.num_microbatches,
@@ -38,15 +72,24 @@ def evaluate(run, data_iterator) -> Optional[float]:
                 )
             except StopIteration:
                 break
-            loss = reduce_losses(losses)
-            if loss is None:
-                break
-            total += loss
-            count += 1
+            _reduce(losses, totals)
     for m in run.model:
         m.train()
     clear_moe_tracker()
-    return total / count if count else None
+    totals = totals.to(get_device())
+    dist.all_reduce(totals)  # tensor-parallel copies scale both numbers alike
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
+
+
+def _plan(run, dataset):
+    """(dataset to read, global batches to read) for one evaluation of ``dataset``."""
+    from bam_megatron.data.datasets import pad_to_multiple
+
+    gbs = run.args.global_batch_size
+    if run.args.full_validation:
+        padded = pad_to_multiple(dataset, gbs)
+        return padded, len(padded) // gbs
+    return dataset, run.args.eval_iters
 
 
 def run_validation(run, iteration: int) -> None:
@@ -57,8 +100,9 @@ def run_validation(run, iteration: int) -> None:
     sets += list(datasets.valid_sets.items())
     metrics = {}
     for name, ds in sets:
+        dataset, steps = _plan(run, ds)
         with RoutingRecorder(run.model, run.args.num_layers) as recorder:
-            loss = evaluate(run, run.data_iterator(ds, cyclic=True))
+            loss = evaluate(run, run.data_iterator(dataset, cyclic=True), steps)
         routing = recorder.result()  # collective: every rank
         if name is not None and (routing["attention"] or routing["ffn"]):
             run.summary["routing"][name] = routing

@@ -60,6 +60,7 @@ class Trainer:
         self.nan_iters = 0
         self.last_saved: Optional[int] = None
         self.saved_args = args_dict(run.args)
+        self.start_time, self.start_iteration = time.perf_counter(), run.state.iteration
 
     # -------------------------------------------------------------------------------- steps
 
@@ -71,7 +72,7 @@ class Trainer:
         run.optimizer.zero_grad()
         with self.recorder:
             losses = run.forward_backward_func(
-                forward_step_func=partial(forward_step, run.device),
+                forward_step_func=partial(forward_step, run.device, vocab_size=args.padded_vocab_size),
                 data_iterator=self.train_iter,
                 model=run.model,
                 num_microbatches=run.num_microbatches,
@@ -133,6 +134,7 @@ class Trainer:
             tokens_per_s=tokens_per_s, lr=lr, global_batch_size=args.global_batch_size,
             losses={k: v for k, v in metrics.items() if "/" not in k}, grad_norm=grad_norm,
             skipped=state.skipped_iterations, nan_iters=self.nan_iters, memory=peak_memory_gib(run.device),
+            run_seconds=time.perf_counter() - self.start_time, eta_seconds=self.eta(),
         ))
         metrics.update(routing_metrics(self.recorder.result()))  # collective: every rank logs here
         self.recorder = RoutingRecorder(run.model, args.num_layers)
@@ -144,16 +146,24 @@ class Trainer:
         run.logger.log(metrics, state.iteration)
         self.window.reset()
 
+    def eta(self) -> Optional[float]:
+        """Seconds to ``--train-iters`` at this run's average pace so far."""
+        done = self.state.iteration - self.start_iteration
+        if done <= 0:
+            return None
+        per_iter = (time.perf_counter() - self.start_time) / done
+        return per_iter * (self.args.train_iters - self.state.iteration)
+
     # -------------------------------------------------------------------------------- save
 
     def save(self) -> None:
         """A checkpoint of the current iteration (once per iteration)."""
-        from bam_megatron.checkpoint.train_state import save_checkpoint
+        from bam_megatron.checkpoint.save import save_checkpoint
 
         run, args = self.run, self.args
         if args.save and self.last_saved != self.state.iteration:
             path = save_checkpoint(args.save, self.state, run.model, run.optimizer, run.scheduler,
-                                   self.saved_args, args.keep_last_checkpoints)
+                                   self.saved_args, args.keep_last_checkpoints, checksums=args.checkpoint_checksums)
             self.last_saved = self.state.iteration
             print_rank_0(f"[checkpoint] saved {path}")
 
@@ -173,21 +183,41 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- loop
 
+    def stop_early(self, exits) -> bool:
+        """Save and stop when an exit condition holds after this iteration (every rank agrees)."""
+        reason = exits.reason(self.state.iteration)
+        if reason is None:
+            return False
+        self.save()
+        where = f"checkpoint {self.args.save} at iteration {self.state.iteration}" if self.args.save else "no --save: nothing saved"
+        print_rank_0(f"[exit] {reason}: stopping after iteration {self.state.iteration} ({where}); "
+                     "the same command resumes")
+        self.run.summary["exit_reason"] = reason
+        return True
+
     def train(self) -> None:
-        """Train until ``--train-iters``, then save."""
+        """Train until ``--train-iters`` (or an exit condition), then save."""
+        from bam_megatron.training.exit_conditions import ExitConditions
+
         args = self.args
         for m in self.run.model:
             m.train()
-        while self.state.iteration < args.train_iters:
-            loss = self.train_step()
-            if self.skip_bad_step(loss):
-                continue
-            grad_norm = self.optimizer_step()
-            self.run.summary["train_losses"].append(loss)
-            self.window.iters += 1
-            if self.state.iteration % args.log_interval == 0 or self.state.iteration == args.train_iters:
-                self.log(loss, grad_norm)
-            else:
-                clear_moe_tracker()
-            self.evaluate_and_save()
-        self.save()
+        exits = ExitConditions(args)
+        try:
+            while self.state.iteration < args.train_iters:
+                loss = self.train_step()
+                if self.skip_bad_step(loss):
+                    continue
+                grad_norm = self.optimizer_step()
+                self.run.summary["train_losses"].append(loss)
+                self.window.iters += 1
+                if self.state.iteration % args.log_interval == 0 or self.state.iteration == args.train_iters:
+                    self.log(loss, grad_norm)
+                else:
+                    clear_moe_tracker()
+                self.evaluate_and_save()
+                if self.stop_early(exits):
+                    return
+            self.save()
+        finally:
+            exits.restore()

@@ -86,8 +86,10 @@ def training_line(
     skipped: int,
     nan_iters: int,
     memory: float,
+    run_seconds: Optional[float] = None,
+    eta_seconds: Optional[float] = None,
 ) -> str:
-    """Megatron-LM's training log line (plus tokens/s and memory)."""
+    """Megatron-LM's training log line (plus tokens/s, memory, elapsed time and ETA)."""
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     parts = [
         f" [{now}] iteration {iteration:8d}/{train_iters:8d}",
@@ -106,7 +108,19 @@ def training_line(
         f"number of nan iterations: {nan_iters:3d}",
         f"mem (GiB): {memory:.2f}",
     ]
+    if run_seconds is not None:
+        parts.append(f"elapsed: {duration(run_seconds)}")
+    if eta_seconds is not None:
+        parts.append(f"ETA: {duration(eta_seconds)}")
     return " | ".join(parts) + " |"
+
+
+def duration(seconds: float) -> str:
+    """``1:02:03`` (hours:minutes:seconds); days as ``2d 01:02:03``."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    text = str(datetime.timedelta(seconds=rest))
+    return f"{days}d {text}" if days else text
 
 
 def validation_line(iteration: int, loss: float, name: Optional[str] = None) -> str:

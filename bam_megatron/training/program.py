@@ -1,14 +1,15 @@
 """``pretrain_bam.py``: one program for every phase (seed, branch, mix), Megatron-LM's flags.
 
-Order of work: arguments → checks that need no process group (tokenizer, checkpoint arguments,
-output directory) → process groups → model → optimizer → checkpoint loaded → data → train /
-evaluate. ``pretrain(argv)`` returns a summary (losses, validation, routing) on every rank;
-``main(argv)`` turns a user error (``BAMError``) into one line and exit code 1.
+Order of work: arguments → where to start from (``start.py``: ``--load``, a fresh start from
+``--pretrained-checkpoint``, or scratch) → checks that need no process group (tokenizer,
+checkpoint arguments and schedule, the ``--save`` directory) → process groups → the ``--save``
+lock → model → optimizer → checkpoint loaded → data → train / evaluate. ``pretrain(argv)`` returns
+a summary (losses, validation, routing, why it stopped) on every rank; ``main(argv)`` turns a user
+error (``BAMError``) into one line and exit code 1.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import List, Optional
 
@@ -17,30 +18,32 @@ from bam_megatron.training import arguments as cli
 
 
 def _parse(argv: Optional[List[str]]):
-    """Parsed and finalized arguments (``--use-checkpoint-args`` merged first)."""
+    """Parsed and finalized arguments (``--use-checkpoint-args`` merged first) and the
+    ``StartPoint``."""
     from bam_megatron.training.checkpoint_args import merge_checkpoint_args
+    from bam_megatron.training.start import find_start
 
     parser = cli.build_parser()
     args = parser.parse_args(argv)
+    start = find_start(args)  # a bad --load is a user error (exit 1), like any checkpoint problem
     try:
-        if args.use_checkpoint_args:
-            if args.load is None:
-                parser.error("--use-checkpoint-args needs --load")
-            merge_checkpoint_args(args)
+        if args.use_checkpoint_args and start.ckpt_dir:
+            merge_checkpoint_args(args, start.ckpt_dir, parser.get_default, log=start.notes.append)
+        elif args.use_checkpoint_args:
+            start.notes.append("[checkpoint-args] no checkpoint to take arguments from: the command line's are used")
         cli.finalize_args(args, parser)
     except CheckpointError as exc:
         parser.error(str(exc))
-    return args
+    return args, start
 
 
-def _prepare(args):
+def _prepare(args, start):
     """Everything checked before any process group: the BAM config, the tokenizer (and the
-    padded vocabulary), the checkpoint to load and the output directory. Returns
-    ``(bam_config, tokenizer, load_dir)``."""
-    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+    padded vocabulary), the checkpoint to load (model and schedule) and the ``--save`` folder.
+    Returns ``(bam_config, tokenizer)``."""
     from bam_megatron.data.tokenizers import build_tokenizer, padded_vocab_size
-    from bam_megatron.training.checkpoint_args import check_checkpoint_matches
     from bam_megatron.training.configs import bam_config_from_args
+    from bam_megatron.training.start import check_against_checkpoint
 
     bam = bam_config_from_args(args)
     tokenizer = build_tokenizer(
@@ -54,40 +57,57 @@ def _prepare(args):
     args.padded_vocab_size = padded_vocab_size(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
-    load_dir = resolve_checkpoint_dir(args.load, f"--load {args.load}") if args.load else None
-    if load_dir:
-        check_checkpoint_matches(args, load_dir)
-    if args.save and os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise CheckpointError(f"--save {args.save} exists and is not a directory")
-    return bam, tokenizer, load_dir
+    check_against_checkpoint(args, start)
+    _check_data_vocabulary(args)
+    return bam, tokenizer
 
 
-def _load(run, load_dir: Optional[str]) -> None:
-    """Load ``--load`` into the run (weights, and optimizer / scheduler / RNG as asked)."""
+def _check_data_vocabulary(args) -> None:
+    """Token ids of the indexed data fit the model (where the files are small enough to scan)."""
+    from bam_megatron.data.blends import parse_data_path, parse_named_data_paths
+    from bam_megatron.data.index_check import check_token_ids
+
+    if args.data_path:
+        check_token_ids(parse_data_path(args.data_path)[0], args.padded_vocab_size, "--data-path")
+    if args.valid_data_path:
+        check_token_ids(parse_named_data_paths(args.valid_data_path).values(), args.padded_vocab_size, "--valid-data-path")
+
+
+def _load(run, start) -> None:
+    """Load the start point into the run (weights, and optimizer / scheduler / RNG as asked)."""
     from bam_megatron.checkpoint.train_state import load_checkpoint
     from bam_megatron.training.metrics import print_rank_0
+    from bam_megatron.training.schedule import describe
 
-    if not load_dir:
-        return
     args = run.args
-    run.state = load_checkpoint(
-        load_dir, run.model, run.optimizer, run.scheduler,
-        load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
-    )
-    print_rank_0(f"[checkpoint] loaded {load_dir} at iteration {run.state.iteration}")
+    source = "the command line's"
+    if start.ckpt_dir:
+        run.state, report = load_checkpoint(
+            start.ckpt_dir, run.model, run.optimizer, run.scheduler,
+            load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=start.finetune,
+            checksums=args.checkpoint_checksums,
+        )
+        print_rank_0(report.line(run.state))
+        source = report.schedule
+    if not args.skip_train:
+        print_rank_0(describe(run.scheduler, run.state.iteration, args.train_iters, args.global_batch_size, source))
 
 
-def _execute(args, bam, tokenizer, load_dir) -> dict:
+def _execute(args, bam, tokenizer, start) -> dict:
     """Build the run on the initialised process groups, train and evaluate it."""
     from bam_megatron.parallel.distributed import get_device
     from bam_megatron.training.evaluate import run_validation
     from bam_megatron.training.loop import Trainer
     from bam_megatron.training.metrics import MetricsLogger, print_rank_0
-    from bam_megatron.training.setup import build_datasets_for, build_run
+    from bam_megatron.training.setup import banner, build_datasets_for, build_run
+    from bam_megatron.training.start import check_save_dir, check_save_space
 
     run = build_run(args, bam, get_device())
+    check_save_dir(args, start)
     run.tokenizer = tokenizer
-    _load(run, load_dir)
+    print_rank_0(banner(run))
+    _load(run, start)
+    check_save_space(run)
     run.datasets = build_datasets_for(args, tokenizer)
     print_rank_0(f"[data] {run.datasets.summary()}")
     run.logger = MetricsLogger(args)
@@ -95,7 +115,8 @@ def _execute(args, bam, tokenizer, load_dir) -> dict:
         if not args.skip_train:
             train_iter = run.data_iterator(run.datasets.train, run.state.consumed_train_samples, cyclic=True)
             Trainer(run, train_iter).train()
-        run_validation(run, run.state.iteration)
+        if not run.summary.get("exit_reason"):
+            run_validation(run, run.state.iteration)
     finally:
         run.logger.finish()
     run.summary["iteration"] = run.state.iteration
@@ -104,10 +125,11 @@ def _execute(args, bam, tokenizer, load_dir) -> dict:
 
 def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run ``pretrain_bam.py`` with ``argv``; returns a summary (final losses) on every rank."""
-    args = _parse(argv)  # before any torch import: --help and argument errors answer at once
+    args, start = _parse(argv)  # before any torch import: --help and argument errors answer at once
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
+    from bam_megatron.training.start import hold_save_lock
 
-    bam, tokenizer, load_dir = _prepare(args)
+    bam, tokenizer = _prepare(args, start)
     init_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -117,7 +139,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
         timeout_minutes=args.distributed_timeout_minutes,
     )
     try:
-        return _execute(args, bam, tokenizer, load_dir)
+        start.announce()
+        with hold_save_lock(args):
+            return _execute(args, bam, tokenizer, start)
     finally:
         destroy_distributed()
 

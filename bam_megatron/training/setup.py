@@ -91,7 +91,8 @@ def build_model(args, config, bam, device) -> List[torch.nn.Module]:
 
 
 def build_scheduler(args, optimizer):
-    """megatron-core's ``OptimizerParamScheduler`` (warm-up + decay, stepped in samples)."""
+    """megatron-core's ``OptimizerParamScheduler`` (warm-up + decay, stepped in samples); which
+    of its values and a checkpoint's win on resume follows Megatron-LM (``schedule.py``)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gbs = args.global_batch_size
@@ -107,6 +108,8 @@ def build_scheduler(args, optimizer):
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
     )
 
 
@@ -135,6 +138,42 @@ def model_flops_per_token(args) -> float:
     )
 
 
+def parameter_totals(args):
+    """``(total, active per token)`` parameters of the model ``args`` describe."""
+    from bam_megatron.model.flops import parameter_counts
+
+    return parameter_counts(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.padded_vocab_size,
+        gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts, kv_sharing=args.bam_kv_sharing,
+        attn_topk=args.bam_attn_topk if args.bam_attn_routing == "topk" else None,
+        ffn_experts=args.num_experts or 0, ffn_topk=args.moe_router_topk,
+        untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
+        bias=args.add_bias_linear,
+    )
+
+
+def banner(run) -> str:
+    """The start-up lines: model size, layout, batch, precision."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    args = run.args
+    total, active = parameter_totals(args)
+    experts = f"{args.bam_attn_experts} attention expert(s), {args.num_experts or 0} FFN expert(s)"
+    return (
+        f"[run] model: {total:,} parameters ({active:,} active per token); {args.num_layers} layers, "
+        f"hidden {args.hidden_size}, {experts}, {'sequential' if args.bam_sequential_block else 'parallel'} blocks\n"
+        f"[run] layout: world {dist.get_world_size()} = TP {ps.get_tensor_model_parallel_world_size()} x "
+        f"PP {ps.get_pipeline_model_parallel_world_size()} x DP {ps.get_data_parallel_world_size()} "
+        f"(EP {ps.get_expert_model_parallel_world_size()}); device {run.device}\n"
+        f"[run] batch: {args.global_batch_size} sequences x {args.seq_length} tokens = "
+        f"{args.global_batch_size * args.seq_length:,} tokens per step ({run.num_microbatches} micro-batch(es) "
+        f"of {args.micro_batch_size} per data-parallel rank)"
+    )
+
+
 def build_datasets_for(args, tokenizer):
     """megatron-core GPT datasets for the run's data flags."""
     from bam_megatron.data.datasets import build_datasets
@@ -149,7 +188,8 @@ def build_datasets_for(args, tokenizer):
         train_iters=args.train_iters or 0,
         global_batch_size=args.global_batch_size,
         eval_iters=args.eval_iters,
-        eval_interval=args.eval_interval,
+        eval_interval=None,  # every evaluation reads the same samples: one evaluation's worth
+        full_validation=args.full_validation,
         seed=args.seed,
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,

@@ -33,7 +33,7 @@ def rng_neutral(data_iterator: Iterator) -> Iterator:
         yield batch
 
 
-def _batch_to(batch: dict, device) -> dict:
+def batch_to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -45,11 +45,28 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
-def forward_step(device, data_iterator, model):
+def check_vocabulary(batch: dict, vocab_size: int) -> None:
+    """Stop (one line) on a token id the model's vocabulary cannot hold; checked on the host
+    tensors of the batch, before they reach the device."""
+    from bam_megatron.errors import DataConfigError
+
+    top = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+    if top >= vocab_size:
+        where = f" (blend member {int(batch['dataset_id'][0])})" if "dataset_id" in batch else ""
+        raise DataConfigError(
+            f"the data holds token id {top}{where}, outside the model's vocabulary of {vocab_size}: it was "
+            "tokenized with another tokenizer; re-run tools/preprocess_data.py with the model's tokenizer"
+        )
+
+
+def forward_step(device, data_iterator, model, vocab_size: Optional[int] = None):
     """megatron-core's ``forward_step_func``: one micro-batch ``{tokens, labels, loss_mask,
     position_ids[, attention_mask]}`` ``[b, s]`` through ``model``; returns the per-token losses
     ``[b, s]`` and the loss function to reduce them."""
-    batch = _batch_to(next(data_iterator), device)
+    batch = next(data_iterator)
+    if vocab_size is not None:
+        check_vocabulary(batch, vocab_size)
+    batch = batch_to_device(batch, device)
     output = model(
         batch["tokens"],
         batch["position_ids"],

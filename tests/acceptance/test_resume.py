@@ -191,7 +191,8 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert resolve_load_dir(ckpt) == os.path.join(ckpt, f"iter_{k:07d}")
     for name in iter_dirs(ckpt):
         assert_complete(os.path.join(ckpt, name))
-    assert set(os.listdir(ckpt)) <= {TRACKER, f"iter_{k:07d}", f"iter_{n:07d}.tmp"}
+    # (and the lock of the killed run, which the next run takes over)
+    assert set(os.listdir(ckpt)) <= {TRACKER, f"iter_{k:07d}", f"iter_{n:07d}.tmp", ".bam_save.lock"}
 
     resumed = training.pretrain(argv + ["--load", ckpt, "--save", ckpt])
     assert resumed["iteration"] == n

@@ -7,9 +7,11 @@ import glob
 import hashlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from bam_megatron import training
 from bam_megatron.checkpoint.common import read_common
@@ -129,3 +131,65 @@ def assert_complete(ckpt_dir: str) -> None:
 def error_lines(err: str) -> list:
     return [line for line in err.splitlines() if "error:" in line]
 
+
+
+LR_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? learning rate: (\S+) \|")
+
+
+def lr_log(text: str) -> dict:
+    """``{iteration: learning rate}`` from the training lines of a log."""
+    return {int(m.group(1)): float(m.group(2)) for m in LR_LINE.finditer(text)}
+
+
+def start_run(argv, env=None):
+    """``pretrain_bam.py argv`` as a child process (its own session), stdout+stderr piped."""
+    return subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=ROOT, env=env or subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read_until(proc, pattern, seen: list, timeout: float = 300):
+    """Read ``proc``'s output lines into ``seen`` until one matches ``pattern`` (the match)."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        found = re.search(pattern, line)
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no line matching {pattern!r} in time:\n{_tail(''.join(seen))}"
+    raise AssertionError(f"the run ended without a line matching {pattern!r}:\n{_tail(''.join(seen))}")
+
+
+def finish(proc, seen: list, timeout: float = 300) -> str:
+    """Wait for ``proc`` (killing its session if it overstays); the whole log."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        seen.append(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return "".join(seen)
+
+
+def descendants(pid: int) -> list:
+    """PIDs of every process below ``pid``."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(pids) -> list:
+    """The PIDs among ``pids`` that still run (zombies count as gone)."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out

@@ -1,0 +1,98 @@
+"""The learning-rate schedule of a resumed run: Megatron-LM's rules, checked before any work.
+
+megatron-core's ``OptimizerParamScheduler`` counts in samples (``num_steps`` grows by the global
+batch size every step). When a run resumes a checkpoint that holds scheduler state:
+
+- by default the command line's schedule (``--lr``, ``--min-lr``, ``--lr-warmup-iters``,
+  ``--lr-decay-iters``, ``--lr-decay-style``, ``--weight-decay``, ``--train-iters``) must equal
+  the checkpoint's; ``check_resumed_schedule`` stops with one line naming both values otherwise
+  (Megatron-LM's refusal, before any process group exists);
+- ``--override-opt-param-scheduler``: the command line's values win, the step count continues —
+  the learning rates of a fresh run with the new schedule, at the same iterations;
+- ``--use-checkpoint-opt-param-scheduler``: the checkpoint's values win.
+
+With ``--no-load-optim`` (but not ``--finetune``) the command line's schedule continues from the
+checkpoint's step count (``continue_schedule``). ``describe`` is the start-up line that says
+where the schedule stands.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+from bam_megatron.errors import CheckpointError
+
+# (state-dict names, old names, flag, value of the run, unit): "samples" values are shown in
+# iterations of the respective global batch size.
+_FIELDS: List[Tuple[str, Tuple[str, ...], str, Callable, str]] = [
+    ("wd_incr_steps", (), "--train-iters", lambda a: a.train_iters * a.global_batch_size, "samples"),
+    ("max_lr", ("start_lr",), "--lr", lambda a: float(a.lr), "value"),
+    ("min_lr", (), "--min-lr", lambda a: float(a.min_lr), "value"),
+    ("lr_warmup_steps", ("warmup_iter", "warmup_steps"), "--lr-warmup-iters",
+     lambda a: a.lr_warmup_iters * a.global_batch_size, "samples"),
+    ("lr_decay_steps", ("end_iter", "decay_steps"), "--lr-decay-iters",
+     lambda a: a.lr_decay_iters * a.global_batch_size, "samples"),
+    ("lr_decay_style", ("decay_style",), "--lr-decay-style", lambda a: a.lr_decay_style, "value"),
+    ("start_wd", (), "--weight-decay", lambda a: float(a.weight_decay), "value"),
+    ("end_wd", (), "--weight-decay", lambda a: float(a.weight_decay), "value"),
+]
+
+
+def _saved(state: dict, name: str, old: Tuple[str, ...]):
+    for key in (name,) + old:
+        if key in state:
+            return state[key]
+    return None
+
+
+def _shown(value, unit: str, gbs: Optional[int]) -> str:
+    if unit == "samples":
+        if gbs:
+            return f"{value / gbs:g}"
+        return f"{value} samples"
+    return f"{value!r}" if isinstance(value, str) else f"{value:g}"
+
+
+def check_resumed_schedule(args, saved_state: dict, saved_args: dict, ckpt_dir: str) -> None:
+    """Refuse a resumed schedule that differs from the checkpoint's (see the module docstring).
+
+    Raises:
+        CheckpointError: one line naming the flag, both values and the two ways forward.
+    """
+    if args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler:
+        return
+    saved_gbs = saved_args.get("global_batch_size")
+    for name, old, flag, ours_of, unit in _FIELDS:
+        saved = _saved(saved_state, name, old)
+        ours = ours_of(args)
+        if saved is None or saved == ours:
+            continue
+        raise CheckpointError(
+            f"{flag} {_shown(ours, unit, args.global_batch_size)} differs from the "
+            f"{_shown(saved, unit, saved_gbs)} of the schedule in {ckpt_dir}"
+            + (f" (in samples: {ours} here, {saved} there)" if unit == "samples" else "")
+            + "; add --override-opt-param-scheduler to train with this command line's schedule "
+            "(the step count continues), or --use-checkpoint-opt-param-scheduler to keep the "
+            "checkpoint's"
+        )
+
+
+def continue_schedule(scheduler, saved_state: Optional[dict], consumed_samples: int) -> None:
+    """``--no-load-optim``: keep the command line's schedule, continued from the checkpoint's
+    step count (its scheduler's, else its consumed samples)."""
+    steps = _saved(saved_state or {}, "num_steps", ("num_iters",))
+    scheduler.num_steps = int(steps if steps is not None else consumed_samples)
+    scheduler.step(increment=0)
+
+
+def describe(scheduler, iteration: int, train_iters: int, gbs: int, source: str) -> str:
+    """``[schedule] ...`` start-up line: step, total, warm-up and decay, current LR, source."""
+    if scheduler is None:
+        return f"[schedule] no training (iteration {iteration})"
+    lr = scheduler.get_lr(scheduler.optimizer.param_groups[0])
+    return (
+        f"[schedule] iteration {iteration} of {train_iters} ({scheduler.num_steps} of {train_iters * gbs} "
+        f"samples); warm-up {scheduler.lr_warmup_steps / gbs:g} iterations, {scheduler.lr_decay_style} decay "
+        f"to iteration {scheduler.lr_decay_steps / gbs:g} from {scheduler.max_lr:g} to {scheduler.min_lr:g}; "
+        f"learning rate now {lr:.6g} ({source})"
+    )

@@ -1,0 +1,194 @@
+"""Where a run starts and where it may write — decided before any work, the same on every rank.
+
+``find_start`` follows Megatron-LM: ``--load DIR`` resumes the checkpoint in DIR; when DIR is
+absent or holds no checkpoint yet, the run starts from ``--pretrained-checkpoint`` (weights only,
+like ``--finetune``) or from scratch, with one warning (``--exit-on-missing-checkpoint`` makes it
+an error). So one command line — ``--load X --save X --pretrained-checkpoint SEED`` — serves the
+first submission of a job and every requeue.
+
+``check_save_dir`` refuses a ``--save`` that cannot be written, and one whose newest checkpoint is
+ahead of this run (saving there would move its tracker back) unless ``--allow-save-rewind``;
+``hold_save_lock`` makes the run the only writer of ``--save`` (``checkpoint/lock.py``);
+``check_save_space`` compares the free space with the size a checkpoint of this model will have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from bam_megatron.checkpoint.layout import TRACKER, has_checkpoint, read_tracker, resolve_checkpoint_dir
+from bam_megatron.errors import CheckpointError, human_bytes
+
+# What a run of ours leaves in a --save folder before its first checkpoint.
+_OWN_LEFTOVERS = (".bam_save.lock", "wandb", "tensorboard", TRACKER + ".tmp")
+
+
+@dataclass
+class StartPoint:
+    """The checkpoint a run loads (None: from scratch), how, and the lines that say so."""
+
+    ckpt_dir: Optional[str] = None
+    finetune: bool = False  # weights only, iteration 0
+    iteration: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def resume(self) -> bool:
+        return self.ckpt_dir is not None and not self.finetune
+
+    def announce(self) -> None:
+        from bam_megatron.training.metrics import print_rank_0
+
+        for note in self.notes:
+            print_rank_0(note)
+
+
+def _holds_only_leftovers(path: str) -> bool:
+    """An absent folder, or one with nothing but what a run of ours writes before its first
+    checkpoint (lock, logs, an unfinished ``iter_*.tmp``)."""
+    if not os.path.isdir(path):
+        return not os.path.exists(path)
+    for name in os.listdir(path):
+        if name in _OWN_LEFTOVERS or (name.startswith("iter_") and ".tmp" in name) or ".old-" in name:
+            continue
+        return False
+    return True
+
+
+def _iteration_of(ckpt_dir: str) -> int:
+    from bam_megatron.checkpoint.common import read_common
+
+    value = read_common(ckpt_dir).get("iteration", 0)
+    return int(value) if isinstance(value, int) else 0
+
+
+def find_start(args) -> StartPoint:
+    """The start point of ``args`` (see the module docstring).
+
+    Raises:
+        CheckpointError: ``--load`` is not a checkpoint folder, or is empty with
+            ``--exit-on-missing-checkpoint``.
+    """
+    start = StartPoint()
+    if args.load and has_checkpoint(args.load):
+        start.ckpt_dir = resolve_checkpoint_dir(args.load, f"--load {args.load}")
+        start.finetune = bool(args.finetune)
+    elif args.load:
+        if not _holds_only_leftovers(args.load):
+            resolve_checkpoint_dir(args.load, f"--load {args.load}")  # raises, naming the problem
+        if args.exit_on_missing_checkpoint:
+            raise CheckpointError(f"--load {args.load} holds no checkpoint (--exit-on-missing-checkpoint is set)")
+        what = f"--pretrained-checkpoint {args.pretrained_checkpoint}" if args.pretrained_checkpoint else "scratch"
+        start.notes.append(f"[checkpoint] WARNING: --load {args.load} holds no checkpoint yet: starting from {what}")
+    if start.ckpt_dir is None and args.pretrained_checkpoint:
+        start.ckpt_dir = resolve_checkpoint_dir(args.pretrained_checkpoint, f"--pretrained-checkpoint {args.pretrained_checkpoint}")
+        start.finetune = True
+    leftover = start.ckpt_dir and (os.path.basename(start.ckpt_dir).endswith(".tmp") or ".old-" in os.path.basename(start.ckpt_dir))
+    if leftover:
+        start.notes.append(f"[checkpoint] the tracker names a missing folder; using the complete copy {start.ckpt_dir} "
+                           "left by an interrupted save")
+    if start.resume:
+        start.iteration = _iteration_of(start.ckpt_dir)
+    return start
+
+
+def check_against_checkpoint(args, start: StartPoint) -> None:
+    """The model matches the checkpoint; a resumed schedule matches its (``schedule.py``)."""
+    from bam_megatron.checkpoint.common import read_common
+    from bam_megatron.training.checkpoint_args import check_checkpoint_matches, saved_model_args
+    from bam_megatron.training.schedule import check_resumed_schedule
+
+    if not start.ckpt_dir:
+        return
+    saved = saved_model_args(start.ckpt_dir)
+    check_checkpoint_matches(args, start.ckpt_dir, saved)
+    sched = read_common(start.ckpt_dir).get("opt_param_scheduler")
+    if start.resume and sched and not args.skip_train and not args.no_load_optim:
+        check_resumed_schedule(args, sched, saved, start.ckpt_dir)
+
+
+def _probe_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".bam_write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CheckpointError(f"--save {folder} cannot be written ({reason.lower()}); choose a writable folder") from None
+
+
+def check_save_dir(args, start: StartPoint) -> None:
+    """``--save`` is a writable folder whose tracker is not ahead of this run."""
+    if not args.save or args.skip_train:
+        return
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise CheckpointError(f"--save {args.save} exists and is not a directory")
+    _probe_writable(args.save)
+    ahead = read_tracker(args.save) if os.path.isfile(os.path.join(args.save, TRACKER)) else None
+    if ahead is not None and ahead > start.iteration and not args.allow_save_rewind:
+        raise CheckpointError(
+            f"--save {args.save} holds a checkpoint at iteration {ahead}, ahead of this run (which starts at "
+            f"iteration {start.iteration}): saving there would move its tracker back; resume it with --load "
+            f"{args.save}, choose another --save, or add --allow-save-rewind"
+        )
+
+
+@contextlib.contextmanager
+def hold_save_lock(args):
+    """Rank 0 holds the lock of ``--save`` for the run; every rank stops if it cannot."""
+    import torch.distributed as dist
+
+    from bam_megatron.checkpoint.lock import SaveLock
+    from bam_megatron.training.metrics import print_rank_0
+
+    lock, problem = None, None
+    if args.save and not args.skip_train and dist.get_rank() == 0:
+        try:
+            lock = SaveLock.acquire(args.save, force=args.force_save_lock, log=print_rank_0)
+        except CheckpointError as exc:
+            problem = str(exc)
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise CheckpointError(box[0])
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def expected_checkpoint_bytes(run) -> int:
+    """About the size of one checkpoint: every parameter (counted once) in its dtype, plus
+    Adam's two fp32 moments and, for a 16-bit model, its fp32 master copy."""
+    from bam_megatron.training.setup import parameter_totals
+
+    total, _active = parameter_totals(run.args)
+    weight = 2 if _is_16bit(run) else 4
+    optimizer = 0 if run.optimizer is None else (8 + (4 if weight == 2 else 0))
+    return int(total * (weight + optimizer))
+
+
+def _is_16bit(run) -> bool:
+    import torch
+
+    return any(p.dtype in (torch.bfloat16, torch.float16) for m in run.model for p in m.parameters())
+
+
+def check_save_space(run) -> None:
+    """Stop before training when ``--save`` has less free space than one checkpoint needs."""
+    args = run.args
+    if not args.save or args.skip_train:
+        return
+    need, free = expected_checkpoint_bytes(run), shutil.disk_usage(args.save).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free space in --save {args.save} for a checkpoint of this model (about "
+            f"{human_bytes(need)} needed, {human_bytes(free)} free); free space or choose another --save"
+        )
