@@ -9,7 +9,9 @@
 #   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
 #
 # Re-running resumes: a finished stage is skipped, one stopped part-way continues from its last
-# checkpoint (saved every 100 steps).
+# checkpoint (saved every 100 steps) with the same command (--load DIR --save DIR, and
+# --pretrained-checkpoint for the first start of a branch or mixing stage); a stage re-run with
+# more steps continues with the new schedule (--override-opt-param-scheduler).
 #   bash examples/quickstart.sh                    # defaults: ~5 min on a 2-core CPU
 #   SCALE=gpu DATA=runs/data_large bash examples/quickstart.sh   # one GPU, ~10 min on an H100
 #     (runs/data_large: python tools/build_sample_data.py --out runs/data_large --train-bytes 4000000)
@@ -81,27 +83,25 @@ for d in "${DOMAINS[@]}"; do UNIFORM+=(0.25 "$BIN/${d}_train_text_document"); do
 # General text with a little of every domain (the paper's seed sees general web text).
 stage "2/6 pre-train the dense seed ($SEED_ITERS steps)"
 if done_at "$OUT/seed" "$SEED_ITERS"; then echo "[quickstart] seed done, skipping"; else
-  RESUME=()
-  has_ckpt "$OUT/seed" && RESUME=(--load "$OUT/seed")
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" \
     --data-path 0.7 "$BIN/english_train_text_document" 0.1 "$BIN/code_train_text_document" \
                 0.1 "$BIN/legal_train_text_document" 0.1 "$BIN/math_train_text_document" \
     --train-iters "$SEED_ITERS" --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters $(( SEED_ITERS / 15 )) --lr-decay-style cosine \
-    --eval-interval "$SEED_ITERS" --save "$OUT/seed" --save-interval 100 --keep-last-checkpoints 1 \
-    "${RESUME[@]}"
+    --override-opt-param-scheduler \
+    --eval-interval "$SEED_ITERS" --load "$OUT/seed" --save "$OUT/seed" --save-interval 100 --keep-last-checkpoints 1
 fi
 
 # 3. branch -----------------------------------------------------------------------------------
 for d in "${EXPERT_DOMAINS[@]}"; do
   stage "3/6 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
   if done_at "$OUT/expert_$d" "$BRANCH_ITERS"; then echo "[quickstart] $d expert done, skipping"; continue; fi
-  START=(--load "$OUT/seed" --finetune)  # a stage stopped part-way resumes from its last checkpoint
-  has_ckpt "$OUT/expert_$d" && START=(--load "$OUT/expert_$d")
+  # The first run starts from the seed (weights only); a stage stopped part-way resumes its own.
   # shellcheck disable=SC2046
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" --data-path $(train_blend "$d") \
-    "${START[@]}" --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 \
+    --load "$OUT/expert_$d" --save "$OUT/expert_$d" --pretrained-checkpoint "$OUT/seed" \
+    --train-iters "$BRANCH_ITERS" --lr 1.5e-3 --min-lr 1.5e-4 --override-opt-param-scheduler \
     --lr-warmup-iters $(( BRANCH_ITERS / 10 )) --lr-decay-style cosine --eval-interval "$BRANCH_ITERS" \
-    --save "$OUT/expert_$d" --save-interval 100 --keep-last-checkpoints 1
+    --save-interval 100 --keep-last-checkpoints 1
 done
 
 # 4. mix --------------------------------------------------------------------------------------
@@ -112,20 +112,19 @@ for name in bam_kv_experts bam_shared_kv btx; do
   stage "4/6 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
   if has_ckpt "$OUT/upcycled_$name"; then echo "[quickstart] done, skipping"; continue; fi
   "$PY" tools/upcycle_bam.py --attention-experts "${MODE[$name]}" --moe-router-topk 1 \
-    --output "$OUT/upcycled_$name" "${SEEDS[@]}"
+    --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --output "$OUT/upcycled_$name" "${SEEDS[@]}"
 done
 
 # 5. train the MoE models on the uniform mixture ---------------------------------------------
 for name in bam_kv_experts bam_shared_kv btx; do
   stage "5/6 train $name on the uniform mixture ($MOE_ITERS steps)"
   if done_at "$OUT/$name" "$MOE_ITERS"; then echo "[quickstart] $name done, skipping"; continue; fi
-  START=(--load "$OUT/upcycled_$name" --no-load-optim --no-load-rng)
-  has_ckpt "$OUT/$name" && START=(--load "$OUT/$name")
-  "$PY" pretrain_bam.py "${COMMON[@]}" "${START[@]}" --use-checkpoint-args \
-    --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" \
+  # Model, tokenizer, dropout and MoE loss settings come from the upcycled checkpoint.
+  "$PY" pretrain_bam.py "${COMMON[@]}" --use-checkpoint-args \
+    --load "$OUT/$name" --save "$OUT/$name" --pretrained-checkpoint "$OUT/upcycled_$name" \
+    --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" --override-opt-param-scheduler \
     --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters $(( MOE_ITERS / 10 )) --lr-decay-style cosine \
-    --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --eval-interval "$MOE_ITERS" \
-    --save "$OUT/$name" --save-interval 100 --keep-last-checkpoints 1
+    --eval-interval "$MOE_ITERS" --save-interval 100 --keep-last-checkpoints 1
 done
 
 # 6. evaluate ---------------------------------------------------------------------------------
