@@ -15,87 +15,91 @@ under soft routing; ``k_a`` under top-k), ``N_f`` FFN experts of which ``k`` are
 
 Top-k attention routing still computes every expert (the fused kernel masks the weights), so
 ``N_a`` counts all attention experts in both routing modes: the FLOPs actually executed.
+
+``parameter_counts`` gives the total and the per-token active parameters of the same shape
+(``ModelShape``, built from the training arguments with ``ModelShape.from_args``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 
-def flops_per_token(
-    *,
-    num_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    num_query_groups: int,
-    head_dim: int,
-    ffn_hidden_size: int,
-    seq_length: int,
-    vocab_size: int,
-    gated_linear_unit: bool = True,
-    attn_experts: int = 1,
-    kv_sharing: bool = False,
-    ffn_experts: int = 0,
-    ffn_topk: int = 1,
-    training: bool = True,
-) -> float:
-    """FLOPs per token of one forward (+ backward when ``training``) pass; see module doc."""
-    d, h, g, dh = hidden_size, num_attention_heads, num_query_groups, head_dim
-    n_a = attn_experts
-    n_kv = 1 if (n_a == 1 or kv_sharing) else n_a
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that determine a model's FLOPs and parameter count."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    gated_linear_unit: bool = True
+    attn_experts: int = 1
+    kv_sharing: bool = False
+    attn_topk: Optional[int] = None  # None: soft routing (every attention expert is active)
+    ffn_experts: int = 0
+    ffn_topk: int = 1
+    untied_output: bool = True
+    sequential_block: bool = False
+    bias: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "ModelShape":
+        """The shape ``pretrain_bam.py``'s finalized arguments describe."""
+        return cls(
+            num_layers=args.num_layers, hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+            head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.padded_vocab_size,
+            gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts, kv_sharing=args.bam_kv_sharing,
+            attn_topk=args.bam_attn_topk if args.bam_attn_routing == "topk" else None,
+            ffn_experts=args.num_experts or 0, ffn_topk=args.moe_router_topk,
+            untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
+            bias=args.add_bias_linear,
+        )
+
+
+def flops_per_token(*, seq_length: int, training: bool = True, shape: Optional[ModelShape] = None, **sizes) -> float:
+    """FLOPs per token of one forward (+ backward when ``training``) pass; see module doc.
+    ``shape``, or its fields as keywords."""
+    m = shape or ModelShape(**sizes)
+    d, h, g, dh = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim
+    n_a = m.attn_experts
+    n_kv = 1 if (n_a == 1 or m.kv_sharing) else n_a
     attn = 2 * d * dh * (n_a * h + n_kv * 2 * g + n_a * h)
     attn += 2 * 2 * seq_length * dh * n_a * h / 2
     if n_a > 1:
         attn += 2 * d * n_a
-    per_expert = (3 if gated_linear_unit else 2) * 2 * d * ffn_hidden_size
-    ffn = per_expert * (ffn_topk if ffn_experts else 1)
-    if ffn_experts:
-        ffn += 2 * d * ffn_experts
-    total = num_layers * (attn + ffn) + 2 * d * vocab_size
+    per_expert = (3 if m.gated_linear_unit else 2) * 2 * d * m.ffn_hidden_size
+    ffn = per_expert * (m.ffn_topk if m.ffn_experts else 1)
+    if m.ffn_experts:
+        ffn += 2 * d * m.ffn_experts
+    total = m.num_layers * (attn + ffn) + 2 * d * m.vocab_size
     return total * (3 if training else 1)
 
 
-def parameter_counts(
-    *,
-    num_layers: int,
-    hidden_size: int,
-    num_attention_heads: int,
-    num_query_groups: int,
-    head_dim: int,
-    ffn_hidden_size: int,
-    vocab_size: int,
-    gated_linear_unit: bool = True,
-    attn_experts: int = 1,
-    kv_sharing: bool = False,
-    attn_topk: Optional[int] = None,
-    ffn_experts: int = 0,
-    ffn_topk: int = 1,
-    untied_output: bool = True,
-    sequential_block: bool = False,
-    bias: bool = False,
-) -> Tuple[int, int]:
-    """``(total, active per token)`` parameters (weights, norms; biases when ``bias``).
+def parameter_counts(m: ModelShape) -> Tuple[int, int]:
+    """``(total, active per token)`` parameters (weights, norms; biases when ``m.bias``).
 
     Active counts every attention expert under soft routing (``attn_topk=None``), ``attn_topk``
     of them under top-k routing, and ``ffn_topk`` FFN experts; embeddings count once (twice when
     the output layer is untied)."""
-    d, h, g, dh, f = hidden_size, num_attention_heads, num_query_groups, head_dim, ffn_hidden_size
-    n_a = attn_experts
-    q_o = 2 * h * dh * d  # Q and O of one attention expert
-    kv = 2 * g * dh * d  # K and V of one expert (or the shared ones)
-    per_attn_expert = q_o + (0 if kv_sharing and n_a > 1 else kv)
-    shared_attn = kv if kv_sharing and n_a > 1 else 0
-    router_a = n_a * d if n_a > 1 else 0
-    per_ffn_expert = (3 if gated_linear_unit else 2) * d * f
-    if bias:
+    d, h, g, dh, f = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.ffn_hidden_size
+    n_a = m.attn_experts
+    shared_kv = m.kv_sharing and n_a > 1
+    per_attn_expert = 2 * h * dh * d + (0 if shared_kv else 2 * g * dh * d)  # Q, O (+ K, V)
+    per_ffn_expert = (3 if m.gated_linear_unit else 2) * d * f
+    if m.bias:
         per_attn_expert += (h + 2 * g) * dh + d
-        per_ffn_expert += (2 if gated_linear_unit else 1) * f + d
-    router_f = ffn_experts * d
-    norms = d * (2 if sequential_block else 1)
-    n_f = max(ffn_experts, 1)
-    layer_total = n_a * per_attn_expert + shared_attn + router_a + n_f * per_ffn_expert + router_f + norms
-    active_a = n_a if attn_topk is None else attn_topk
-    active_f = ffn_topk if ffn_experts else 1
+        per_ffn_expert += (2 if m.gated_linear_unit else 1) * f + d
+    n_f = max(m.ffn_experts, 1)
+    layer_total = (n_a * per_attn_expert + (2 * g * dh * d if shared_kv else 0) + (n_a * d if n_a > 1 else 0)
+                   + n_f * per_ffn_expert + m.ffn_experts * d + d * (2 if m.sequential_block else 1))
+    active_a = n_a if m.attn_topk is None else m.attn_topk
+    active_f = m.ffn_topk if m.ffn_experts else 1
     layer_active = layer_total - (n_a - active_a) * per_attn_expert - (n_f - active_f) * per_ffn_expert
-    outside = vocab_size * d * (2 if untied_output else 1) + d  # embeddings, final norm
-    return num_layers * layer_total + outside, num_layers * layer_active + outside
+    outside = m.vocab_size * d * (2 if m.untied_output else 1) + d  # embeddings, final norm
+    return m.num_layers * layer_total + outside, m.num_layers * layer_active + outside

@@ -125,33 +125,16 @@ def build_optimizer(args, model):
 
 def model_flops_per_token(args) -> float:
     """Training FLOPs per token of the model ``args`` describe (``model/flops.py``)."""
-    from bam_megatron.model.flops import flops_per_token
+    from bam_megatron.model.flops import ModelShape, flops_per_token
 
-    return flops_per_token(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size,
-        seq_length=args.seq_length, vocab_size=args.padded_vocab_size,
-        gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts,
-        kv_sharing=args.bam_kv_sharing, ffn_experts=args.num_experts or 0,
-        ffn_topk=args.moe_router_topk,
-    )
+    return flops_per_token(shape=ModelShape.from_args(args), seq_length=args.seq_length)
 
 
 def parameter_totals(args):
     """``(total, active per token)`` parameters of the model ``args`` describe."""
-    from bam_megatron.model.flops import parameter_counts
+    from bam_megatron.model.flops import ModelShape, parameter_counts
 
-    return parameter_counts(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        head_dim=args.kv_channels, ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.padded_vocab_size,
-        gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts, kv_sharing=args.bam_kv_sharing,
-        attn_topk=args.bam_attn_topk if args.bam_attn_routing == "topk" else None,
-        ffn_experts=args.num_experts or 0, ffn_topk=args.moe_router_topk,
-        untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
-        bias=args.add_bias_linear,
-    )
+    return parameter_counts(ModelShape.from_args(args))
 
 
 def banner(run) -> str:
