@@ -31,6 +31,7 @@ from bam_megatron.checkpoint.layout import FORMAT_VERSION, TRACKER, iteration_di
 from bam_megatron.checkpoint.rng import parallel_layout, rng_sharded_object
 from bam_megatron.checkpoint.weights import model_sharded_state_dict
 from bam_megatron.errors import DISK_ERRNOS, CheckpointError, disk_error, human_bytes, one_line
+from bam_megatron.parallel.distributed import first_problem
 
 
 def directory_bytes(path: str) -> int:
@@ -45,11 +46,6 @@ def directory_bytes(path: str) -> int:
     return total
 
 
-def _agree(problem: Optional[str]) -> Optional[str]:
-    """The first rank's problem (or None) on every rank."""
-    problems: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
 
 
 def _previous(root: str) -> Optional[str]:
@@ -114,7 +110,7 @@ def _write(sharded: dict, tmp: str, root: str) -> None:
             problem = f"{what} while writing {tmp}"
         else:
             bug, problem = exc, f"saving failed on rank {dist.get_rank()} ({one_line(exc)})"
-    problem = _agree(problem)
+    problem = first_problem(problem)
     if problem is None:
         return
     if dist.get_rank() == 0:
@@ -184,7 +180,7 @@ def save_checkpoint(root: str, state, model, optimizer, scheduler, args_dict: di
     final = iteration_dir(root, state.iteration)
     tmp = final + ".tmp"
     problem = _prepare_tmp(root, tmp) if dist.get_rank() == 0 else None
-    problem = _agree(problem)
+    problem = first_problem(problem)
     if problem:
         raise CheckpointError(problem)
     _write(_sharded_state(state, model, optimizer, scheduler, args_dict), tmp, root)

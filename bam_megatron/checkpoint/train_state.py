@@ -28,6 +28,7 @@ from bam_megatron.checkpoint.common import read_common
 from bam_megatron.checkpoint.rng import has_rng_shards, parallel_layout, rng_sharded_object, set_rng_state
 from bam_megatron.checkpoint.weights import EXTRA_STATE, CheckpointError, model_sharded_state_dict, unwrap_chunks
 from bam_megatron.parallel.device import get_device
+from bam_megatron.parallel.distributed import first_problem
 
 
 @dataclass
@@ -65,7 +66,7 @@ def verify_checkpoint(ckpt_dir: str, checksums: bool = True) -> None:
             integrity.check_structure(ckpt_dir)
         except CheckpointError as exc:
             problem = str(exc)
-    problem = _agree(problem)
+    problem = first_problem(problem)
     if problem:
         raise CheckpointError(problem + "; restore the file or load an earlier checkpoint")
     if not checksums:
@@ -74,7 +75,7 @@ def verify_checkpoint(ckpt_dir: str, checksums: bool = True) -> None:
         manifest = integrity.read_manifest(ckpt_dir)
     except CheckpointError as exc:
         manifest, problem = None, str(exc)
-    problem = _agree(problem)
+    problem = first_problem(problem)
     if problem:
         raise CheckpointError(problem)
     if manifest is None:
@@ -88,10 +89,6 @@ def verify_checkpoint(ckpt_dir: str, checksums: bool = True) -> None:
         raise integrity.problems_to_error(ckpt_dir, found, "; restore it or load an earlier checkpoint")
 
 
-def _agree(problem: Optional[str]) -> Optional[str]:
-    problems: List[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
 
 
 # ------------------------------------------------------------------------------------ load

@@ -28,6 +28,7 @@ __all__ = [
     "DistributedInfo",
     "init_distributed",
     "destroy_distributed",
+    "first_problem",
     "free_port",
     "seed_everything",
     "get_device",
@@ -198,6 +199,14 @@ def init_distributed(
         device=device, backend=backend, rank=rank, world_size=world_size, local_rank=local_rank
     )
     return _INFO
+
+
+def first_problem(problem: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem (a one-line message, or None) on every rank, so that
+    all ranks stop together with the same message."""
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
 
 def destroy_distributed() -> None:

@@ -145,6 +145,7 @@ def hold_save_lock(args):
     import torch.distributed as dist
 
     from bam_megatron.checkpoint.lock import SaveLock
+    from bam_megatron.parallel.distributed import first_problem
     from bam_megatron.training.metrics import print_rank_0
 
     lock, problem = None, None
@@ -153,10 +154,9 @@ def hold_save_lock(args):
             lock = SaveLock.acquire(args.save, force=args.force_save_lock, log=print_rank_0)
         except CheckpointError as exc:
             problem = str(exc)
-    box = [problem]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise CheckpointError(box[0])
+    problem = first_problem(problem)
+    if problem:
+        raise CheckpointError(problem)
     try:
         yield lock
     finally:
