@@ -201,4 +201,7 @@ def _validate_attention_experts(config, bam: BAMConfig, tp: int, ep: int) -> Non
             "--disable-bias-linear and drop --add-qkv-bias"
         )
     if config.qk_layernorm:
-        raise BAMConfigError("--qk-layernorm is not supported with --bam-attn-experts > 1")
+        raise BAMConfigError(
+            "--qk-layernorm is not supported with --bam-attn-experts > 1; attention experts have "
+            "no query/key norms (use --bam-attn-experts 1, e.g. BTX-style merged attention)"
+        )

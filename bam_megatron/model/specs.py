@@ -59,8 +59,11 @@ def _backend(use_te: Optional[bool]):
     return LocalSpecProvider()
 
 
-def attention_spec(bam: BAMConfig, backend) -> ModuleSpec:
-    """Dense attention (N = 1) or the Mixture of Attention (N > 1)."""
+def attention_spec(bam: BAMConfig, backend, qk_layernorm: bool = False) -> ModuleSpec:
+    """Dense attention (N = 1) or the Mixture of Attention (N > 1). ``qk_layernorm``: dense
+    attention normalises every query and key head (``config.normalization`` over the head
+    dimension, one weight shared by the heads) before RoPE."""
+    qk_norm = Norm if qk_layernorm else IdentityOp
     if bam.is_moa:
         return ModuleSpec(
             module=MixtureOfAttention,
@@ -73,8 +76,8 @@ def attention_spec(bam: BAMConfig, backend) -> ModuleSpec:
             linear_qkv=backend.column_parallel_linear(),
             core_attention=SDPAttention,
             linear_proj=backend.row_parallel_linear(),
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
         ),
     )
 
@@ -107,7 +110,7 @@ def get_bam_layer_spec(
     moe_grouped_gemm = bool(getattr(config, "moe_grouped_gemm", False))
     submodules = TransformerLayerSubmodules(
         input_layernorm=Norm,
-        self_attention=attention_spec(bam, backend),
+        self_attention=attention_spec(bam, backend, bool(getattr(config, "qk_layernorm", False))),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=IdentityOp if bam.parallel_block else Norm,
         mlp=ffn_spec(config.num_moe_experts, backend, moe_grouped_gemm),

@@ -38,6 +38,9 @@ MODEL_ARGS = (
     "rotary_percent",
     "untie_embeddings_and_output_weights",
     "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "rotary_interleaved",
     "padded_vocab_size",
     "num_experts",
     "moe_ffn_hidden_size",
@@ -76,8 +79,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="learned_absolute", help="Position embedding.")
     g.add_argument("--rotary-base", type=int, default=10000, help="RoPE base.")
     g.add_argument("--rotary-percent", type=float, default=1.0, help="Fraction of the head dim RoPE rotates.")
+    g.add_argument("--rotary-interleaved", action="store_true", help="RoPE rotates interleaved pairs (0,1), (2,3), ... of each head (GPT-J / Cohere style) instead of its two halves.")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", help="Separate input embedding and output layer weights.")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false", help="No biases in linear layers.")
+    g.add_argument("--add-qkv-bias", action="store_true", help="Biases on the query, key and value projections only (Qwen2 style; with --disable-bias-linear).")
+    g.add_argument("--qk-layernorm", action="store_true", help="Normalise every query and key head (--normalization over the head dimension) before RoPE (Qwen3 style).")
     g.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout after attention and FFN.")
     g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
     g.add_argument("--init-method-std", type=float, default=0.02, help="Std of the normal weight init.")

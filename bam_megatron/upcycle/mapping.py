@@ -63,7 +63,11 @@ DENSE_LAYER_NAMES = (
     "pre_mlp_layernorm.weight",  # [L, d] (sequential blocks only)
     "pre_mlp_layernorm.bias",
     "self_attention.linear_qkv.weight",  # [L, G(r+2)dh, d]
-    "self_attention.linear_qkv.bias",  # [L, G(r+2)dh]
+    "self_attention.linear_qkv.bias",  # [L, G(r+2)dh] (--add-bias-linear or --add-qkv-bias)
+    "self_attention.q_layernorm.weight",  # [L, dh] (--qk-layernorm)
+    "self_attention.q_layernorm.bias",
+    "self_attention.k_layernorm.weight",
+    "self_attention.k_layernorm.bias",
     "self_attention.linear_proj.weight",  # [L, d, H dh]
     "self_attention.linear_proj.bias",  # [L, d]
     "mlp.linear_fc1.weight",  # [L, F', d] (F' = 2F with SwiGLU: [gate; up])

@@ -22,7 +22,9 @@ from bam_megatron.errors import CheckpointError, UpcycleError, one_line
 from bam_megatron.upcycle import mapping as U
 
 # Megatron-LM options that change what the seed's tensors mean and that the BAM model lacks.
-UNSUPPORTED_SEED_FLAGS = ("qk_layernorm", "squared_relu", "rotary_interleaved", "apply_layernorm_1p")
+# (--qk-layernorm, --add-qkv-bias and --rotary-interleaved are supported: the first two with
+# merged attention only, see ``attention_expert_problem``.)
+UNSUPPORTED_SEED_FLAGS = ("squared_relu", "apply_layernorm_1p")
 # Recorded arguments (besides the model's shape) that must agree between seeds.
 SAME_ARGS = (
     "num_attention_heads",
@@ -31,6 +33,7 @@ SAME_ARGS = (
     "position_embedding_type",
     "rotary_base",
     "rotary_percent",
+    "rotary_interleaved",
     "tokenizer_type",
     "vocab_size",
 )
@@ -109,7 +112,9 @@ class Architecture:
     padded_vocab_size: int
     sequential: bool
     gated: bool
-    bias: bool
+    bias: bool  # biases on every linear layer (no --disable-bias-linear)
+    qkv_bias: bool  # biases on the query/key/value projection only (--add-qkv-bias)
+    qk_layernorm: bool
     dtype: torch.dtype
     shapes: Dict[str, Tuple[int, ...]]  # canonical seed key -> global shape
     args: dict  # seed 0's recorded arguments
@@ -136,6 +141,23 @@ def _check_dense(seed: Seed) -> None:
     for flag in UNSUPPORTED_SEED_FLAGS:
         if seed.args.get(flag):
             raise UpcycleError(f"{seed.name} was trained with --{flag.replace('_', '-')}, which the BAM model does not support")
+
+
+def attention_expert_problem(arch: Architecture) -> Optional[str]:
+    """Why the seeds' attention cannot become attention experts (None when it can): attention
+    experts have no biases and no query/key norms (as in the paper)."""
+    if arch.bias or arch.qkv_bias:
+        which = "on every linear layer" if arch.bias else "on the query/key/value projection, --add-qkv-bias"
+        return (
+            f"the seeds have linear-layer biases ({which}) but attention experts have none (as in the "
+            "paper); use --attention-experts merged or seeds trained with --disable-bias-linear"
+        )
+    if arch.qk_layernorm:
+        return (
+            "the seeds normalise queries and keys (--qk-layernorm) but attention experts have no "
+            "query/key norms; use --attention-experts merged (BTX)"
+        )
+    return None
 
 
 def check_seeds(seeds: Sequence[Seed]) -> Architecture:
@@ -209,9 +231,13 @@ def _describe(first: Seed) -> Architecture:
         raise UpcycleError(f"{what}: linear_fc1 has {fc1_rows} rows for an FFN of {ffn}")
     linear_biases = [lp + n for n in U.DENSE_LAYER_NAMES if n.endswith(".bias") and "layernorm" not in n]
     present = [k in shapes for k in linear_biases]
-    if any(present) and not all(present):
+    qkv_bias_only = [k == lp + "self_attention.linear_qkv.bias" for k in linear_biases]
+    if any(present) and not all(present) and present != qkv_bias_only:
         missing = linear_biases[present.index(False)]
-        raise UpcycleError(f"{what} has biases on some linear layers but not {missing}; the BAM model needs all or none (--disable-bias-linear)")
+        raise UpcycleError(
+            f"{what} has biases on some linear layers but not {missing}; the BAM model needs all, "
+            "the query/key/value projection's only (--add-qkv-bias) or none (--disable-bias-linear)"
+        )
     pos = first.args.get("position_embedding_type", "rope")
     if "embedding.position_embeddings.weight" in shapes:
         pos = "learned_absolute"
@@ -226,6 +252,8 @@ def _describe(first: Seed) -> Architecture:
         sequential=lp + "pre_mlp_layernorm.weight" in shapes,
         gated=fc1_rows == 2 * ffn,
         bias=all(present),
+        qkv_bias=present == qkv_bias_only,
+        qk_layernorm=lp + "self_attention.q_layernorm.weight" in shapes,
         dtype=first.tensors[lp + "input_layernorm.weight"].dtype,
         shapes=dict(shapes),
         args=dict(first.args),
