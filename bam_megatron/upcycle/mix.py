@@ -51,10 +51,7 @@ dense, and fit the mode; every problem is an ``UpcycleError`` with a one-line me
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -62,11 +59,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bam_megatron.checkpoint import integrity
 from bam_megatron.checkpoint.dcp_reader import layer_blocks
-from bam_megatron.checkpoint.dcp_writer import PartWriter, fsync_dir, write_file
+from bam_megatron.checkpoint.dcp_writer import PartWriter
 from bam_megatron.checkpoint.inspection import human_count
-from bam_megatron.checkpoint.layout import COMMON_FILE, CONFIG_FILE, FORMAT_VERSION, MEGATRON_CONFIG, TRACKER, iteration_dir
+from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
+from bam_megatron.checkpoint.tool_output import check_free_space, check_output, finish_checkpoint, move_into_place, new_temporary
 from bam_megatron.errors import UpcycleError, disk_error
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle.plan import (
@@ -78,7 +75,7 @@ from bam_megatron.upcycle.plan import (
     output_args,
     plan_outputs,
 )
-from bam_megatron.upcycle.seeds import Architecture, Seed, check_seeds, open_seed
+from bam_megatron.upcycle.seeds import Architecture, Seed, attention_expert_problem, check_seeds, open_seed
 
 GIB = 1024**3
 
@@ -146,40 +143,18 @@ class UpcycleResult:
     write_seconds: float = 0.0
 
 
-def _existing_ancestor(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def _check_output(output: str, seed_paths: Sequence[str], force: bool) -> None:
-    out_real = os.path.realpath(output)
-    for i, p in enumerate(seed_paths):
-        seed_real = os.path.realpath(p)
-        if out_real == seed_real or seed_real.startswith(out_real + os.sep) or out_real.startswith(seed_real + os.sep):
-            raise UpcycleError(f"output {output} overlaps seed {i} ({p}); choose another output path")
-    if os.path.lexists(output) and not force:
-        raise UpcycleError(f"output {output} exists; pass --force to replace it (or choose another path)")
-
-
 def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False):
     """All checks, no writing: returns ``(seeds, arch, plan, args, weights)``."""
     weights = check_options(len(seed_paths), opts)
-    _check_output(output, seed_paths, force)
+    check_output(output, seed_paths, force, UpcycleError, lambda i: f"seed {i}")
     seeds = [open_seed(p, i) for i, p in enumerate(seed_paths)]
     arch = check_seeds(seeds)
-    if opts.mode != "merged" and arch.bias:
-        raise UpcycleError(
-            "the seeds have linear-layer biases but attention experts have none (as in the paper); "
-            "use --attention-experts merged or seeds trained with --disable-bias-linear"
-        )
+    problem = attention_expert_problem(arch) if opts.mode != "merged" else None
+    if problem:
+        raise UpcycleError(problem)
     plan = plan_outputs(arch, len(seeds), opts)
     args = output_args(arch, len(seeds), opts)
-    need = sum(t.nbytes for t in plan.values())
-    free = shutil.disk_usage(_existing_ancestor(os.path.dirname(os.path.abspath(output)))).free
-    if need > free:
-        raise UpcycleError(f"the output needs about {need / GIB:.2f} GiB but only {free / GIB:.2f} GiB are free at {output}")
+    check_free_space(output, sum(t.nbytes for t in plan.values()), UpcycleError)
     return seeds, arch, plan, args, weights
 
 
@@ -300,40 +275,6 @@ def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float) 
     }
 
 
-def _finish_checkpoint(tmp: str, writer: PartWriter, plan, common: dict, sync: bool) -> None:
-    """Merge the parts into ``tmp/iter_0000000``, then the common state, ``metadata.json`` and
-    the tracker, in that order, after all data is on disk."""
-    final = iteration_dir(tmp, 0)
-    writer.merge(final, plan)
-    buf = io.BytesIO()
-    torch.save(common, buf)
-    write_file(os.path.join(final, COMMON_FILE), buf.getvalue(), sync)
-    write_file(os.path.join(final, CONFIG_FILE), json.dumps(MEGATRON_CONFIG).encode(), sync)
-    integrity.write_manifest(final, integrity.checksum_files(final, integrity.checkpoint_files(final)))
-    write_file(os.path.join(tmp, TRACKER), b"0", sync)
-    shutil.rmtree(os.path.join(tmp, "parts"))
-    if sync:
-        fsync_dir(final)
-        fsync_dir(tmp)
-
-
-def _move_into_place(tmp: str, output: str, sync: bool) -> None:
-    """Rename the complete ``tmp`` to ``output``; a previous output (only with ``force``) is
-    moved aside first and deleted afterwards."""
-    old = None
-    if os.path.lexists(output):
-        old = f"{output}.old-{secrets.token_hex(4)}"
-        os.replace(output, old)
-    os.replace(tmp, output)
-    if sync:
-        fsync_dir(os.path.dirname(output))
-    if old is not None:
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.unlink(old)
-
-
 def upcycle(
     seed_paths: Sequence[str],
     output: str,
@@ -354,9 +295,7 @@ def upcycle(
     seeds, arch, plan, args, weights = prepare(seed_paths, output, opts, force)
     n = len(seeds)
     output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    tmp = f"{output}.tmp-{secrets.token_hex(4)}"
-    os.makedirs(tmp)
+    tmp = new_temporary(output)
     writer = None
     try:
         writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
@@ -373,9 +312,9 @@ def upcycle(
         _mix_layer_tensors(arch, seeds, readers, weights, writer, opts.mode, blocks_of, report)
         result.router_std = _write_routers(arch, n, opts, plan, writer)
         report("routers")
-        _finish_checkpoint(tmp, writer, plan, _common_state(args, seeds, weights, opts, result.router_std), sync)
+        finish_checkpoint(tmp, writer, plan, _common_state(args, seeds, weights, opts, result.router_std), sync)
         report(f"merged {writer.num_parts} parts")
-        _move_into_place(tmp, output, sync)
+        move_into_place(tmp, output, sync)
     except BaseException as exc:
         if writer is not None:
             try:
