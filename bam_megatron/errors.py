@@ -51,6 +51,10 @@ class UpcycleError(BAMError, ValueError):
     """Bad input for the Mix phase (or the other checkpoint tools)."""
 
 
+class HFError(BAMError, ValueError):
+    """A Hugging Face model folder or checkpoint the Hugging Face tools cannot convert exactly."""
+
+
 class TrainingError(BAMError, RuntimeError):
     """A condition that stops training (bad input found up front, too many NaN steps)."""
 
@@ -104,6 +108,7 @@ __all__ = [
     "ConfigError",
     "DISK_ERRNOS",
     "DataConfigError",
+    "HFError",
     "LayoutError",
     "PreprocessError",
     "TokenizerConfigError",

@@ -1,0 +1,66 @@
+"""Models of this project for the export tests: one per kind of model the export must handle,
+built with redrawn weights and saved with their recorded arguments."""
+
+import torch
+import transformers
+
+from support.hf import model_args, redraw, save_ours
+from support.models import moe_overrides, tiny_config
+
+V, S = 256, 32
+GELU = dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu, add_bias_linear=True)
+
+# name: (TransformerConfig overrides, BAMConfig kwargs, position embedding, class written)
+EXPORT_CASES = {
+    "dense-sequential": ({"num_query_groups": 2}, {"parallel_block": False}, "rope", "LlamaForCausalLM"),
+    "dense-sequential-interleaved-rope": ({"rotary_interleaved": True}, {"parallel_block": False}, "rope", "LlamaForCausalLM"),
+    "dense-sequential-qkv-bias": ({"add_qkv_bias": True}, {"parallel_block": False}, "rope", "Qwen2ForCausalLM"),
+    "dense-sequential-qk-norm": ({"qk_layernorm": True, "num_query_groups": 1}, {"parallel_block": False}, "rope", "Qwen3ForCausalLM"),
+    "dense-parallel": ({}, {}, "rope", "BAMForCausalLM"),
+    "dense-parallel-layernorm": ({"normalization": "LayerNorm"}, {}, "rope", "BAMForCausalLM"),
+    "dense-parallel-layernorm-zero-bias": ({"normalization": "LayerNorm"}, {}, "rope", "CohereForCausalLM"),
+    "dense-gelu-learned-positions": (GELU, {}, "learned_absolute", "BAMForCausalLM"),
+    "btx-sequential": (moe_overrides(4, 2, False), {"parallel_block": False}, "rope", "MixtralForCausalLM"),
+    "btx-parallel": (moe_overrides(4, 2, False), {}, "rope", "BAMForCausalLM"),
+    "bam-kv-experts": (moe_overrides(4, 1, True), {"attn_experts": 4}, "rope", "BAMForCausalLM"),
+    "bam-shared-kv": (dict(num_query_groups=2, **moe_overrides(4, 2, True)), {"attn_experts": 4, "kv_sharing": True},
+                      "rope", "BAMForCausalLM"),
+    "bam-topk-attention-sequential": (moe_overrides(4, 2, False), {"attn_experts": 4, "attn_routing": "topk", "attn_topk": 2,
+                                                                   "parallel_block": False}, "rope", "BAMForCausalLM"),
+}
+
+
+def case_configs(case: str, tp: int = 1, ep: int = 1):
+    """``(TransformerConfig, BAMConfig, position embedding)`` of ``case`` at a parallel layout."""
+    from bam_megatron.model.config import BAMConfig
+
+    overrides, bam_kwargs, position, _ = EXPORT_CASES[case]
+    layout = dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1)
+    return tiny_config(**overrides, **layout), BAMConfig(**bam_kwargs), position
+
+
+def build(case: str, tp: int = 1, ep: int = 1):
+    from bam_megatron.model.build import build_bam_model
+
+    cfg, bam, position = case_configs(case, tp, ep)
+    model = build_bam_model(cfg, bam, vocab_size=V, max_sequence_length=S, position_embedding_type=position, parallel_output=False)
+    return model, model_args(cfg, bam, V, S, position=position)
+
+
+def build_and_save(case: str, root: str, seed: int = 1):
+    """Our model of ``case`` with redrawn weights, saved with its recorded arguments."""
+    torch.manual_seed(seed)
+    model, args = build(case)
+    redraw(model, seed)
+    if case.endswith("zero-bias"):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name and name.endswith("bias"):
+                    p.zero_()
+    model.eval()
+    save_ours(model, root, args)
+    return model
+
+
+def load_export(folder: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
