@@ -52,7 +52,7 @@ def _summary(result) -> str:
                (f"{s.num_experts} FFN experts (top-{s.moe_router_topk})" if s.is_moe else "dense FFN")
     lines = [f"exported {result.architecture} -> {result.output}",
              f"  {s.num_layers} layers, hidden {s.hidden_size}, {'parallel' if s.parallel_block else 'sequential'} blocks, {what}"]
-    if result.not_native:
+    if result.not_native and result.architecture == "BAMForCausalLM":
         lines.append("  not a native class: " + "; ".join(result.not_native))
     lines.append("  tokenizer: " + (", ".join(sorted(result.tokenizer.files)) if result.tokenizer else "none"))
     lines.append(f"  files: {', '.join(result.files)}")

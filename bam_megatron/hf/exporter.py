@@ -101,7 +101,8 @@ def _getter(fn: Callable[[str], torch.Tensor], used: set, prefix: str, source: _
     def get(name: str) -> torch.Tensor:
         if name not in cache:
             if prefix + name not in source.shapes:
-                raise RuntimeError(f"internal error: the export needs {prefix + name}, which the checkpoint lacks")
+                raise HFError(f"the checkpoint has no tensor {prefix + name}, which its other tensors imply; it is incomplete "
+                              "or from a model this export does not support")
             used.add(prefix + name)
             cache[name] = fn(name)
         return cache[name]
@@ -121,7 +122,7 @@ def _choose(spec: ModelSpec, source: _Source, forced: str) -> Tuple[Adapter, Lis
     reasons = []
     for adapter in export_candidates(forced):
         problem = adapter.export_problem(spec)
-        if problem is None and hasattr(adapter, "value_problem"):
+        if problem is None:
             problem = adapter.value_problem(source.read_global, lambda n: source.read_global(LP + n), spec)
         if problem is None:
             return adapter, reasons

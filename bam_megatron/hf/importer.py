@@ -133,8 +133,6 @@ def _check_outputs(produced: Dict[str, torch.Tensor], spec: ModelSpec, dtype, cf
 
 def _tokenizer(hf_dir: str, spec: ModelSpec, opts: ImportOptions, notes: List[str]):
     """The folder's tokenizer and the recorded tokenizer / padding arguments."""
-    from bam_megatron.data.tokenizers import padded_vocab_size
-
     tok = TF.find_in_folder(hf_dir)
     args = {"make_vocab_size_divisible_by": opts.vocab_multiple}
     if tok is None:
@@ -147,7 +145,7 @@ def _tokenizer(hf_dir: str, spec: ModelSpec, opts: ImportOptions, notes: List[st
     if count > spec.vocab_size:
         raise HFError(f"{tok.files['tokenizer.json']} has {count} tokens but the model only {spec.vocab_size} embedding rows")
     args["tokenizer_vocab_size"] = count
-    if padded_vocab_size(count, opts.vocab_multiple) != spec.vocab_size:
+    if -(-count // opts.vocab_multiple) * opts.vocab_multiple != spec.vocab_size:
         multiple = next(m for m in range(1, spec.vocab_size + 1) if spec.vocab_size % m == 0 and m > spec.vocab_size - count)
         args["make_vocab_size_divisible_by"] = multiple
         notes.append(f"the tokenizer has {count} tokens for {spec.vocab_size} embedding rows: train with "

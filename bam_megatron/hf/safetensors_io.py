@@ -8,8 +8,8 @@ folder holds one ``model.safetensors`` or shards ``model-0000i-of-0000n.safetens
 ``SafetensorsFolder`` reads single tensors with plain ``readinto`` calls into fresh buffers (no
 memory map, so nothing stays resident after a tensor is dropped). ``SafetensorsWriter`` takes
 the whole plan (names, shapes, dtypes) first, writes every shard's header, then each tensor's
-bytes at its planned offset in whatever order the tensors come: memory holds only the tensor
-being written.
+bytes at its planned offset in whatever order the tensors come, from a background thread:
+memory holds the tensors waiting to be written (at most ``MAX_PENDING`` bytes) and no more.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -174,10 +175,14 @@ def _header_bytes(entries: Sequence[PlannedEntry]) -> Tuple[bytes, Dict[str, int
 class SafetensorsWriter:
     """Writes a planned set of tensors into shards of about ``shard_bytes`` under ``folder``.
 
-    ``write(name, tensor)`` puts a tensor's bytes at its planned offset (any order); ``close``
-    checks that every planned tensor was written, fsyncs the files (with ``sync``) and writes
-    the index when there are several shards.
+    ``write(name, tensor)`` hands a tensor to a background thread that puts its bytes at the
+    planned offset (any order; at most ``MAX_PENDING`` bytes wait, so reading the next tensors
+    overlaps writing these); ``close`` waits for them, checks that every planned tensor was
+    written, fsyncs the files (with ``sync``) and writes the index when there are several shards.
+    Errors of the thread surface at the next ``write`` or at ``close``.
     """
+
+    MAX_PENDING = 256 * 1024**2
 
     def __init__(self, folder: str, plan: Sequence[PlannedEntry], shard_bytes: int, sync: bool = True):
         self.folder, self.sync = folder, sync
@@ -196,6 +201,8 @@ class SafetensorsWriter:
         self._left = [len(s) for s in shards]
         self._written: set = set()
         self._handles: Dict[int, object] = {}
+        self._pending: List[Tuple[object, int]] = []  # (future, bytes), oldest first
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-writer")
         self.total_size = sum(e.nbytes for e in plan)
         for i, entries in enumerate(shards):
             head, offsets = _header_bytes(entries)
@@ -212,10 +219,16 @@ class SafetensorsWriter:
         if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
             raise RuntimeError(f"internal error: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned {entry.shape} {entry.dtype}")
         self._written.add(name)
+        while self._pending and sum(b for _, b in self._pending) + entry.nbytes > self.MAX_PENDING:
+            self._pending.pop(0)[0].result()
+        data = tensor.detach().contiguous()
+        self._pending.append((self._pool.submit(self._write_bytes, shard, offset, data), entry.nbytes))
+
+    def _write_bytes(self, shard: int, offset: int, tensor: torch.Tensor) -> None:
         f = self._handles.get(shard)
         if f is None:
             f = self._handles[shard] = open(os.path.join(self.folder, self.files[shard]), "r+b", buffering=0)
-        data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         f.seek(offset)
         done = 0
         while done < len(data):
@@ -232,9 +245,14 @@ class SafetensorsWriter:
         f.close()
 
     def close(self) -> None:
-        """Check completeness; write the index of a sharded model."""
-        for shard in list(self._handles):
-            self._close_shard(shard)
+        """Wait for the thread; check completeness; write the index of a sharded model."""
+        try:
+            while self._pending:
+                self._pending.pop(0)[0].result()
+        finally:
+            self._pool.shutdown(wait=True)
+            for shard in list(self._handles):
+                self._handles.pop(shard).close()
         missing = [name for name in self._where if name not in self._written]
         if missing:
             raise RuntimeError(f"internal error: {len(missing)} planned tensors were not written (first: {missing[0]})")

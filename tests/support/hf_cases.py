@@ -1,5 +1,7 @@
-"""Models of this project for the export tests: one per kind of model the export must handle,
-built with redrawn weights and saved with their recorded arguments."""
+"""The models of the Hugging Face tests: transformers configurations to import (one per supported
+architecture and the variants that change the mapping) and models of this project to export (one
+per kind of model the export must handle, built with redrawn weights and saved with their
+recorded arguments)."""
 
 import torch
 import transformers
@@ -8,6 +10,19 @@ from support.hf import model_args, redraw, save_ours
 from support.models import moe_overrides, tiny_config
 
 V, S = 256, 32
+
+# name: (transformers config class, overrides) — one per supported architecture and the
+# variants that change the mapping (GQA and MQA, tied embeddings, biases, RoPE base, head dim).
+IMPORT_CASES = {
+    "llama": ("LlamaConfig", {}),
+    "llama-tied-mqa": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1, "rope_theta": 50000.0}),
+    "llama-biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True, "rms_norm_eps": 1e-5}),
+    "mistral": ("MistralConfig", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 24}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.25, "layer_norm_eps": 1e-5}),
+}
+
 GELU = dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu, add_bias_linear=True)
 
 # name: (TransformerConfig overrides, BAMConfig kwargs, position embedding, class written)

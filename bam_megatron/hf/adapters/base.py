@@ -8,7 +8,8 @@ functions on ``meta`` tensors (names and shapes, no data):
 - import: ``spec_from_config`` (refuses, naming the field, whatever the model cannot represent
   exactly), ``import_globals`` / ``import_layer`` (Hugging Face names -> our global keys /
   our per-layer names relative to ``decoder.layers.``);
-- export: ``export_problem`` (why this class cannot hold a model exactly, or None),
+- export: ``export_problem`` (why this class cannot hold a model exactly, or None; from the
+  shapes), ``value_problem`` (the same from the stored values, e.g. Cohere's zero norm biases),
   ``export_config`` (``config.json``), ``export_globals`` / ``export_layer`` (our names ->
   Hugging Face names).
 """
@@ -119,6 +120,11 @@ class Adapter:
     def export_problem(self, spec: ModelSpec) -> Optional[str]:
         """Why this class cannot hold ``spec`` exactly (None: it can)."""
         raise NotImplementedError
+
+    def value_problem(self, read_global: Getter, read_layers: Getter, spec: ModelSpec) -> Optional[str]:
+        """Why the stored values (not only the shapes) keep this class from holding the model
+        exactly (None: they do not). ``read_layers(name)`` reads ``decoder.layers.<name> [L, ...]``."""
+        return None
 
     def export_config(self, spec: ModelSpec) -> dict:
         raise NotImplementedError

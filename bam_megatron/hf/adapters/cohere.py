@@ -13,7 +13,7 @@ norm weights) and ``attention_bias`` (biases on q, k, v and o but not the MLP) a
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -70,7 +70,7 @@ class CohereAdapter(Adapter):
             return "query/key norms"
         return None
 
-    def value_problem(self, read_global: Getter, read_layers: Callable[[str], torch.Tensor], spec: ModelSpec) -> Optional[str]:
+    def value_problem(self, read_global: Getter, read_layers: Getter, spec: ModelSpec) -> Optional[str]:
         """Cohere's LayerNorm has no bias: exact only when every norm bias is zero."""
         if read_global("decoder.final_layernorm.bias").any():
             return "a non-zero final LayerNorm bias"

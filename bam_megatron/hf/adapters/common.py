@@ -105,8 +105,6 @@ def common_spec_fields(cfg: HFConfig, seq_length: Optional[int], vocab_multiple:
     """``ModelSpec`` fields every supported class reads the same way; refuses (naming the field)
     a non-SwiGLU activation, any RoPE scaling, a partial or non-integer RoPE, GQA that does not
     divide."""
-    from bam_megatron.data.tokenizers import padded_vocab_size
-
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise cfg.refuse("hidden_act", "only SwiGLU (silu) FFNs are supported")
@@ -135,7 +133,7 @@ def common_spec_fields(cfg: HFConfig, seq_length: Optional[int], vocab_multiple:
         num_attention_heads=heads,
         num_query_groups=groups,
         head_dim=int(cfg.get("head_dim") or hidden // heads),
-        vocab_size=padded_vocab_size(vocab, vocab_multiple),
+        vocab_size=-(-vocab // vocab_multiple) * vocab_multiple,  # Megatron-LM's padding, TP 1
         max_position_embeddings=max(max_pos, seq),
         seq_length=seq,
         rotary_base=int(theta),

@@ -1,29 +1,21 @@
-"""Fixtures of the Hugging Face tests: never touch the network; tiny random models per module."""
+"""Fixtures of the Hugging Face tests: never touch the network, keep transformers' copies of
+remote model code private to this session, tiny random models per module."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-# name: (transformers config class, overrides) — one per supported architecture and the
-# variants that change the mapping (GQA and MQA, tied embeddings, biases, RoPE base, head dim).
-IMPORT_CASES = {
-    "llama": ("LlamaConfig", {}),
-    "llama-tied-mqa": ("LlamaConfig", {"tie_word_embeddings": True, "num_key_value_heads": 1, "rope_theta": 50000.0}),
-    "llama-biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True, "rms_norm_eps": 1e-5}),
-    "mistral": ("MistralConfig", {"sliding_window": 4096}),
-    "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", {"head_dim": 24}),
-    "cohere": ("CohereConfig", {"logit_scale": 0.25, "layer_norm_eps": 1e-5}),
-}
-
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """Each case of ``IMPORT_CASES`` saved as a Hugging Face folder: name -> (folder, model)."""
     from support.hf import make_hf_model
+    from support.hf_cases import IMPORT_CASES
 
     root = tmp_path_factory.mktemp("hf")
     out = {}
@@ -31,3 +23,18 @@ def hf_models(tmp_path_factory):
         folder = str(root / name)
         out[name] = (folder, make_hf_model(folder, cls, seed=i, **overrides))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_remote_code_cache():
+    """transformers copies ``trust_remote_code`` files into a cache named after the model folder
+    (``.../transformers_modules/hf/``), shared by every process of the machine: a private one per
+    session keeps concurrent runs from reading each other's half-written copies."""
+    from transformers import dynamic_module_utils
+
+    folder = tempfile.mkdtemp(prefix="hf_modules_")
+    previous = dynamic_module_utils.HF_MODULES_CACHE
+    dynamic_module_utils.HF_MODULES_CACHE = folder
+    yield folder
+    dynamic_module_utils.HF_MODULES_CACHE = previous
+    shutil.rmtree(folder, ignore_errors=True)

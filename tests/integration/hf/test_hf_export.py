@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
-from conftest import IMPORT_CASES
+import transformers
 from support.hf import hf_logits, our_logits, tokens
-from support.hf_cases import EXPORT_CASES, build_and_save, load_export
+from support.hf_cases import EXPORT_CASES, IMPORT_CASES, build_and_save, load_export
 
 from bam_megatron.cli import hf_export as cli
 from bam_megatron.hf.exporter import ExportOptions, hf_export
@@ -42,6 +42,9 @@ def test_hugging_face_to_ours_to_hugging_face(hf_models, tmp_path, name):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(result.files)
     ids = tokens()
     assert (hf_logits(load_export(str(tmp_path / "back")), ids) - hf_logits(model, ids)).abs().max().item() <= TOL
+    text = "t7 t3 <eos>"
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "back"))(text)["input_ids"]
+    assert back == transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
 
 
 def _greedy_by_recomputation(model, ids, steps):

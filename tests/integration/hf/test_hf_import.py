@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-from conftest import IMPORT_CASES
 from support.hf import VOCAB, hf_logits, load_ours, make_hf_model, our_logits, tokens
+from support.hf_cases import IMPORT_CASES
 
 from bam_megatron.checkpoint.common import read_common
 from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
