@@ -7,6 +7,7 @@
 #   4. mix          upcycle seed + experts three ways: BAM KV experts, BAM shared KV, BTX
 #   5. train        each MoE on the uniform mixture for the same number of tokens
 #   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
+#   7. transformers export the BAM KV-experts model (tools/hf_export.py) and sample from it
 #
 # Re-running resumes: a finished stage is skipped, one stopped part-way continues from its last
 # checkpoint (saved every 100 steps) with the same command (--load DIR --save DIR, and
@@ -21,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${BAM_PYTHON:-$(bash scripts/setup_env.sh)}  # BAM_PYTHON: use this interpreter as it is
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
 
 OUT=${OUT:-runs/quickstart}
 DATA=${DATA:-data}
@@ -57,7 +58,7 @@ has_ckpt() { [ -f "$1/latest_checkpointed_iteration.txt" ]; }  # a complete chec
 done_at() { has_ckpt "$1" && [ "$(cat "$1/latest_checkpointed_iteration.txt")" = "$2" ]; }
 
 # 1. preprocess ------------------------------------------------------------------------------
-stage "1/6 preprocess $DATA/*.jsonl -> $BIN"
+stage "1/7 preprocess $DATA/*.jsonl -> $BIN"
 mkdir -p "$BIN"
 "$PY" - "$DATA" "$BIN" "${DOMAINS[@]}" <<'EOF'
 import os, sys
@@ -81,7 +82,7 @@ for d in "${DOMAINS[@]}"; do UNIFORM+=(0.25 "$BIN/${d}_train_text_document"); do
 
 # 2. seed -------------------------------------------------------------------------------------
 # General text with a little of every domain (the paper's seed sees general web text).
-stage "2/6 pre-train the dense seed ($SEED_ITERS steps)"
+stage "2/7 pre-train the dense seed ($SEED_ITERS steps)"
 if done_at "$OUT/seed" "$SEED_ITERS"; then echo "[quickstart] seed done, skipping"; else
   "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" \
     --data-path 0.7 "$BIN/english_train_text_document" 0.1 "$BIN/code_train_text_document" \
@@ -93,7 +94,7 @@ fi
 
 # 3. branch -----------------------------------------------------------------------------------
 for d in "${EXPERT_DOMAINS[@]}"; do
-  stage "3/6 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
+  stage "3/7 branch: $d expert ($BRANCH_ITERS steps, half the seed's LR)"
   if done_at "$OUT/expert_$d" "$BRANCH_ITERS"; then echo "[quickstart] $d expert done, skipping"; continue; fi
   # The first run starts from the seed (weights only); a stage stopped part-way resumes its own.
   # shellcheck disable=SC2046
@@ -109,7 +110,7 @@ SEEDS=("$OUT/seed")
 for d in "${EXPERT_DOMAINS[@]}"; do SEEDS+=("$OUT/expert_$d"); done
 declare -A MODE=([bam_kv_experts]=full [bam_shared_kv]=shared-kv [btx]=merged)
 for name in bam_kv_experts bam_shared_kv btx; do
-  stage "4/6 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
+  stage "4/7 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
   if has_ckpt "$OUT/upcycled_$name"; then echo "[quickstart] done, skipping"; continue; fi
   "$PY" tools/upcycle_bam.py --attention-experts "${MODE[$name]}" --moe-router-topk 1 \
     --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --output "$OUT/upcycled_$name" "${SEEDS[@]}"
@@ -117,7 +118,7 @@ done
 
 # 5. train the MoE models on the uniform mixture ---------------------------------------------
 for name in bam_kv_experts bam_shared_kv btx; do
-  stage "5/6 train $name on the uniform mixture ($MOE_ITERS steps)"
+  stage "5/7 train $name on the uniform mixture ($MOE_ITERS steps)"
   if done_at "$OUT/$name" "$MOE_ITERS"; then echo "[quickstart] $name done, skipping"; continue; fi
   # Model, tokenizer, dropout and MoE loss settings come from the upcycled checkpoint.
   "$PY" pretrain_bam.py "${COMMON[@]}" --use-checkpoint-args \
@@ -128,7 +129,7 @@ for name in bam_kv_experts bam_shared_kv btx; do
 done
 
 # 6. evaluate ---------------------------------------------------------------------------------
-stage "6/6 evaluate: per-domain perplexity"
+stage "6/7 evaluate: per-domain perplexity"
 "$PY" tools/evaluate_bam.py \
   --model "seed=$OUT/seed" \
   --model "code expert=$OUT/expert_code" --model "legal expert=$OUT/expert_legal" \
@@ -138,3 +139,21 @@ stage "6/6 evaluate: per-domain perplexity"
   --global-batch-size "$GBS" --out-dir "$OUT/results" --routing
 echo
 echo "[quickstart] results: $OUT/results/results.md, routing heatmaps in $OUT/results/routing/"
+
+# 7. transformers -----------------------------------------------------------------------------
+# Always re-exported (a few seconds): the folder follows the latest trained checkpoint.
+stage "7/7 export the BAM KV-experts model to transformers and sample from it"
+"$PY" tools/hf_export.py "$OUT/bam_kv_experts" --output "$OUT/hf/bam_kv_experts" --force --quiet
+"$PY" - "$OUT/hf/bam_kv_experts" <<'EOF'
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+for prompt in ("def ", "The court held that", "Solve for x:"):
+    inputs = tok(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+    print(f"[quickstart] greedy sample: {tok.decode(out[0], skip_special_tokens=True)!r}")
+EOF
+echo "[quickstart] transformers folder: $OUT/hf/bam_kv_experts (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"

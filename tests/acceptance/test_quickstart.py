@@ -57,6 +57,11 @@ def test_quickstart_pipeline(tmp_path):
         assert (routing / f"{model}_routing.csv").read_text().count("\n") > 8
     assert (routing / "btx_ffn_routing.png").exists() and not (routing / "btx_attention_routing.png").exists()
 
+    # The BAM KV-experts model in transformers: exported with its code and tokenizer, sampled.
+    hf = out / "hf" / "bam_kv_experts"
+    assert {"config.json", "configuration_bam.py", "modeling_bam.py", "tokenizer.json"} <= set(os.listdir(hf))
+    assert run.stdout.count("[quickstart] greedy sample:") == 3, run.stdout[-2000:]
+
     # Re-running resumes: every stage is skipped.
     again = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
