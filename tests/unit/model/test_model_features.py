@@ -91,6 +91,8 @@ ERRORS = [
     (moe_overrides(2, 2, True), dict(), dict(tensor_model_parallel_size=2), "need --sequence-parallel"),
     (dict(), dict(), dict(expert_model_parallel_size=2), "needs experts to distribute"),
     (dict(add_bias_linear=True), dict(attn_experts=2), dict(), "attention experts have no biases"),
+    (dict(add_qkv_bias=True), dict(attn_experts=2), dict(), "drop --add-qkv-bias"),
+    (dict(qk_layernorm=True), dict(attn_experts=2), dict(), "--qk-layernorm is not supported with --bam-attn-experts > 1"),
     (dict(num_layers=3), dict(), dict(pipeline_model_parallel_size=2), "--num-layers 3 is not divisible"),
     (dict(recompute_granularity="selective", recompute_modules=["layernorm"]), dict(), dict(), "--recompute-modules ['layernorm'] are not supported"),
 ]
@@ -151,3 +153,22 @@ def test_local_dispatch_matches_megatron_dispatcher(single_process, topk, pre_so
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
     for (name, p), p_ref in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_open_model_features_build_and_are_stored(single_process):
+    """--add-qkv-bias (Qwen2), --qk-layernorm (Qwen3) and --rotary-interleaved (Cohere): the
+    checkpoint keys they add, and interleaved RoPE changes the result."""
+    cfg = tiny_config(add_qkv_bias=True, qk_layernorm=True, num_query_groups=2)
+    model = build_bam_model(cfg, BAMConfig(parallel_block=False), vocab_size=VOCAB, max_sequence_length=SEQ)
+    shapes = {k: v.global_shape for k, v in model.sharded_state_dict().items() if hasattr(v, "global_shape")}
+    dh = cfg.kv_channels
+    assert shapes["decoder.layers.0.self_attention.linear_qkv.bias"] == (2, 2 * (2 + 2) * dh)
+    assert shapes["decoder.layers.0.self_attention.q_layernorm.weight"] == (2, dh)
+    assert shapes["decoder.layers.0.self_attention.k_layernorm.weight"] == (2, dh)
+    assert "decoder.layers.0.self_attention.linear_proj.bias" not in shapes
+    tokens, position_ids, _ = batch()
+    plain = build_bam_model(tiny_config(), BAMConfig(), vocab_size=VOCAB, max_sequence_length=SEQ)
+    interleaved = build_bam_model(tiny_config(rotary_interleaved=True), BAMConfig(), vocab_size=VOCAB, max_sequence_length=SEQ)
+    interleaved.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(plain(tokens, position_ids, None), interleaved(tokens, position_ids, None))
