@@ -11,8 +11,8 @@ in memory, then measures, ``--repeat`` times each, interleaved, each after a ``s
   checkpoint, and
 - ``cp -r`` of that checkpoint + ``sync`` vs ``tools/hf_export.py`` back to a Hugging Face folder,
 
-each tool as a child process: wall time (Python start-up and imports included) and peak
-resident memory (``ru_maxrss`` from ``wait4`` and ``VmHWM`` sampled every 20 ms). Prints the
+each tool as a child process: wall time (Python start-up and imports included; the time the tool
+reports for the conversion itself is shown too) and peak resident memory (``ru_maxrss`` from ``wait4`` and ``VmHWM`` sampled every 20 ms). Prints the
 medians as a table (and one JSON line). Everything it wrote is deleted unless ``--keep``.
 """
 
@@ -89,6 +89,13 @@ def make_hf_folder(path: str, args) -> None:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "w1"}, fh)
 
 
+def _tool_seconds(summary: str) -> float:
+    """The seconds a tool reports for its own work (``read X GiB, wrote Y GiB, Z s``): the wall
+    time without Python's start-up and imports."""
+    line = next(x for x in summary.splitlines() if x.strip().startswith("read ") and ", wrote " in x)
+    return float(line.rsplit(",", 1)[1].split()[0])
+
+
 def _tool(name: str, src: str, out: str) -> list:
     return [sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), src, "-o", out]
 
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_hf; "
                             f"bench_hf.make_hf_folder({hf!r}, bench_hf.parse_args({sys.argv[1:]!r}))"], check=True)
             print(f"wrote {hf} in {time.perf_counter() - t0:.1f} s", flush=True)
-        runs = {k: [] for k in ("cp hf", "import", "cp ckpt", "export")}
+        runs = {k: [] for k in ("cp hf", "import", "cp ckpt", "export", "import (in the tool)", "export (in the tool)")}
         peaks = {"import": [], "export": []}
         for _ in range(args.repeat):
             for label, cmd, out in (("cp hf", None, hf), ("import", _tool("hf_import", hf, ckpt), ckpt),
@@ -120,6 +127,7 @@ def main(argv=None) -> int:
                         shutil.rmtree(out)
                     r = run_with_rusage(cmd)
                     peaks[label].append(max(r["max_rss"], r["vm_hwm"]))
+                    runs[f"{label} (in the tool)"].append(_tool_seconds(r["stdout"]))
                     results[f"{label}_summary"], results[f"{label}_progress"] = r["stdout"], r["stderr"]
                 runs[label].append(r["seconds"])
         results["bytes"] = {"hf": du(hf), "ckpt": du(ckpt), "hf_back": du(back)}
@@ -147,9 +155,11 @@ def _report(results: dict, repeat: int) -> None:
         ("python + imports of the tools", f"{results['imports_seconds']:.1f} s", f"RSS {results['imports_max_rss'] / GIB:.2f} GiB"),
         ("cp -r folder + sync", t("cp hf"), ""),
         ("hf_import.py (fsync)", t("import", "cp hf"), f"peak RSS {max(results['peak_rss']['import']) / GIB:.2f} GiB"),
+        ("  of which the conversion itself", t("import (in the tool)", "cp hf"), ""),
         (f"cp -r checkpoint ({size['ckpt'] / GIB:.2f} GiB) + sync", t("cp ckpt"), ""),
         ("hf_export.py, LlamaForCausalLM (fsync)", t("export", "cp ckpt"),
          f"peak RSS {max(results['peak_rss']['export']) / GIB:.2f} GiB"),
+        ("  of which the conversion itself", t("export (in the tool)", "cp ckpt"), ""),
     ]
     for key in ("import_progress", "import_summary", "export_progress", "export_summary"):
         print(results.pop(key))
