@@ -45,19 +45,21 @@ EXPORT_CASES = {
 }
 
 
-def case_configs(case: str, tp: int = 1, ep: int = 1):
+def case_configs(case: str, tp: int = 1, ep: int = 1, pp: int = 1):
     """``(TransformerConfig, BAMConfig, position embedding)`` of ``case`` at a parallel layout."""
     from bam_megatron.model.config import BAMConfig
 
     overrides, bam_kwargs, position, _ = EXPORT_CASES[case]
-    layout = dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1)
+    layout = dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=tp > 1,
+                  pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
     return tiny_config(**overrides, **layout), BAMConfig(**bam_kwargs), position
 
 
-def build(case: str, tp: int = 1, ep: int = 1):
+def build(case: str, tp: int = 1, ep: int = 1, pp: int = 1):
+    """This rank's model of ``case`` at the layout (its pipeline stage) and its recorded arguments."""
     from bam_megatron.model.build import build_bam_model
 
-    cfg, bam, position = case_configs(case, tp, ep)
+    cfg, bam, position = case_configs(case, tp, ep, pp)
     model = build_bam_model(cfg, bam, vocab_size=V, max_sequence_length=S, position_embedding_type=position, parallel_output=False)
     return model, model_args(cfg, bam, V, S, position=position)
 
