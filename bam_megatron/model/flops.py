@@ -46,6 +46,9 @@ class ModelShape:
     untied_output: bool = True
     sequential_block: bool = False
     bias: bool = False
+    qkv_bias: bool = False  # biases on the query/key/value projection only (--add-qkv-bias)
+    qk_layernorm: bool = False  # a norm over the head dim on queries and keys (--qk-layernorm)
+    layernorm: bool = False  # LayerNorm (a bias per norm) instead of RMSNorm
 
     @classmethod
     def from_args(cls, args) -> "ModelShape":
@@ -58,7 +61,8 @@ class ModelShape:
             attn_topk=args.bam_attn_topk if args.bam_attn_routing == "topk" else None,
             ffn_experts=args.num_experts or 0, ffn_topk=args.moe_router_topk,
             untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
-            bias=args.add_bias_linear,
+            bias=args.add_bias_linear, qkv_bias=getattr(args, "add_qkv_bias", False),
+            qk_layernorm=getattr(args, "qk_layernorm", False), layernorm=args.normalization == "LayerNorm",
         )
 
 
@@ -82,7 +86,8 @@ def flops_per_token(*, seq_length: int, training: bool = True, shape: Optional[M
 
 
 def parameter_counts(m: ModelShape) -> Tuple[int, int]:
-    """``(total, active per token)`` parameters (weights, norms; biases when ``m.bias``).
+    """``(total, active per token)`` parameters (weights, norms and their biases; linear biases
+    when ``m.bias``, the query/key/value projection's when ``m.qkv_bias``).
 
     Active counts every attention expert under soft routing (``attn_topk=None``), ``attn_topk``
     of them under top-k routing, and ``ffn_topk`` FFN experts; embeddings count once (twice when
@@ -92,14 +97,19 @@ def parameter_counts(m: ModelShape) -> Tuple[int, int]:
     shared_kv = m.kv_sharing and n_a > 1
     per_attn_expert = 2 * h * dh * d + (0 if shared_kv else 2 * g * dh * d)  # Q, O (+ K, V)
     per_ffn_expert = (3 if m.gated_linear_unit else 2) * d * f
+    if m.bias or m.qkv_bias:
+        per_attn_expert += (h + 2 * g) * dh
     if m.bias:
-        per_attn_expert += (h + 2 * g) * dh + d
+        per_attn_expert += d
         per_ffn_expert += (2 if m.gated_linear_unit else 1) * f + d
+    norm = 2 if m.layernorm else 1  # weight (+ bias)
+    if m.qk_layernorm:
+        per_attn_expert += 2 * dh * norm
     n_f = max(m.ffn_experts, 1)
     layer_total = (n_a * per_attn_expert + (2 * g * dh * d if shared_kv else 0) + (n_a * d if n_a > 1 else 0)
-                   + n_f * per_ffn_expert + m.ffn_experts * d + d * (2 if m.sequential_block else 1))
+                   + n_f * per_ffn_expert + m.ffn_experts * d + d * norm * (2 if m.sequential_block else 1))
     active_a = n_a if m.attn_topk is None else m.attn_topk
     active_f = m.ffn_topk if m.ffn_experts else 1
     layer_active = layer_total - (n_a - active_a) * per_attn_expert - (n_f - active_f) * per_ffn_expert
-    outside = m.vocab_size * d * (2 if m.untied_output else 1) + d  # embeddings, final norm
+    outside = m.vocab_size * d * (2 if m.untied_output else 1) + d * norm  # embeddings, final norm
     return m.num_layers * layer_total + outside, m.num_layers * layer_active + outside

@@ -13,6 +13,8 @@ CASES = {
     "bam kv experts": (moe_overrides(4, 1, True), BAMConfig(attn_experts=4)),
     "bam shared kv, gqa": (dict(num_query_groups=2, **moe_overrides(4, 1, True)), BAMConfig(attn_experts=4, kv_sharing=True)),
     "sequential, top-2 attention": (moe_overrides(2, 1, True), BAMConfig(attn_experts=2, attn_routing="topk", attn_topk=1, parallel_block=False)),
+    "sequential, q/k/v bias, q/k norm (Qwen)": (dict(add_qkv_bias=True, qk_layernorm=True, num_query_groups=2), BAMConfig(parallel_block=False)),
+    "parallel LayerNorm, q/k norm": (dict(normalization="LayerNorm", qk_layernorm=True), BAMConfig()),
 }
 
 
@@ -29,6 +31,7 @@ def test_counts_match_the_built_model(case, single_process):
         attn_topk=bam.attn_topk if bam.attn_routing == "topk" else None,
         ffn_experts=cfg.num_moe_experts or 0, ffn_topk=cfg.moe_router_topk if cfg.num_moe_experts else 1,
         untied_output=True, sequential_block=not bam.parallel_block,  # build_bam_model unties by default
+        qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm, layernorm=cfg.normalization == "LayerNorm",
     )
     total, active = parameter_counts(shape)
     assert total == built
