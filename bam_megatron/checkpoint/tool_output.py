@@ -18,7 +18,7 @@ import shutil
 from typing import Callable, Dict, Sequence, Type
 
 from bam_megatron.checkpoint.layout import COMMON_FILE, CONFIG_FILE, MEGATRON_CONFIG, TRACKER, iteration_dir
-from bam_megatron.errors import BAMError
+from bam_megatron.errors import BAMError, HFError, disk_error
 
 GIB = 1024**3
 
@@ -103,3 +103,12 @@ def move_into_place(tmp: str, output: str, sync: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.unlink(old)
+
+
+def raise_disk_error(exc: BaseException, tmp: str, output: str, error: Type[BAMError] = HFError) -> None:
+    """After a failed write (``tmp`` already removed): a full disk, a quota, a read-only or
+    failing file system becomes one line (``error``); anything else is left to propagate."""
+    what = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_error(exc)
+    if what:
+        kept = "the existing output is untouched" if os.path.lexists(output) else "nothing was written"
+        raise error(f"{what} while writing {tmp}; {kept}; free space or choose another --output") from None

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from bam_megatron.checkpoint.common import plain_args, read_common
 from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, read_metadata
 from bam_megatron.checkpoint.layout import TRACKER, resolve_checkpoint_dir
-from bam_megatron.checkpoint.tool_output import check_free_space, check_output, move_into_place, new_temporary
+from bam_megatron.checkpoint.tool_output import check_free_space, check_output, move_into_place, new_temporary, raise_disk_error
 from bam_megatron.errors import CheckpointError, HFError, one_line
 from bam_megatron.hf import tokenizer_files as TF
 from bam_megatron.hf.adapters import export_candidates
@@ -197,8 +197,9 @@ def hf_export(ckpt: str, output: str, opts: ExportOptions, progress: Optional[Ca
         result.files = sorted(os.listdir(tmp))
         move_into_place(tmp, result.output, opts.sync)
         report(f"done: {result.output}")
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, tmp, result.output)
         raise
     result.bytes_read, result.bytes_written = source.reader.bytes_read, writer.bytes_written
     result.seconds = time.perf_counter() - start

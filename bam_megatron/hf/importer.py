@@ -29,7 +29,14 @@ import torch
 
 from bam_megatron.checkpoint.dcp_writer import PartWriter, PlannedTensor
 from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
-from bam_megatron.checkpoint.tool_output import check_free_space, check_output, finish_checkpoint, move_into_place, new_temporary
+from bam_megatron.checkpoint.tool_output import (
+    check_free_space,
+    check_output,
+    finish_checkpoint,
+    move_into_place,
+    new_temporary,
+    raise_disk_error,
+)
 from bam_megatron.errors import HFError, one_line
 from bam_megatron.hf import tokenizer_files as TF
 from bam_megatron.hf.adapters import HFConfig, importer_for
@@ -153,6 +160,13 @@ def _tokenizer(hf_dir: str, spec: ModelSpec, opts: ImportOptions, notes: List[st
     return tok, args
 
 
+def _training_args(cfg: HFConfig) -> dict:
+    """Training settings of the Hugging Face model, recorded for ``--use-checkpoint-args`` (which
+    restores them unless the training command line gives them): its init std and no dropout."""
+    return {"init_method_std": float(cfg.get("initializer_range", 0.02)), "hidden_dropout": 0.0,
+            "attention_dropout": float(cfg.get("attention_dropout", 0.0))}
+
+
 def _write_weights(plan: _Plan, writer: PartWriter, report: Callable[[str], None]) -> None:
     """Globals, then one layer at a time: read, map, cast, queue (``writer`` writes behind)."""
     weights, spec, dtype = plan.weights, plan.spec, plan.dtype
@@ -182,7 +196,7 @@ def hf_import(hf_dir: str, output: str, opts: ImportOptions, progress: Optional[
     plan = plan_import(hf_dir, opts)
     notes: List[str] = []
     tok, tok_args = _tokenizer(hf_dir, plan.spec, opts, notes)
-    args = {**plan.spec.to_args(), **tok_args, "init_method_std": float(plan.cfg.get("initializer_range", 0.02))}
+    args = {**plan.spec.to_args(), **tok_args, **_training_args(plan.cfg)}
     check_free_space(output, sum(t.nbytes for t in plan.outputs.values()), HFError)
     result = ImportResult(os.path.abspath(output), plan.adapter.architecture, plan.spec, args, tok, notes)
     tmp = new_temporary(output)
@@ -197,13 +211,14 @@ def hf_import(hf_dir: str, output: str, opts: ImportOptions, progress: Optional[
         report(f"merged {writer.num_parts} parts")
         move_into_place(tmp, result.output, opts.sync)
         report(f"done: {iteration_dir(result.output, 0)}")
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             try:
                 writer.close()
             except Exception:  # the original error matters more than a failing writer thread
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, tmp, result.output)
         raise
     finally:
         plan.weights.close()

@@ -63,8 +63,15 @@ from bam_megatron.checkpoint.dcp_reader import layer_blocks
 from bam_megatron.checkpoint.dcp_writer import PartWriter
 from bam_megatron.checkpoint.inspection import human_count
 from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
-from bam_megatron.checkpoint.tool_output import check_free_space, check_output, finish_checkpoint, move_into_place, new_temporary
-from bam_megatron.errors import UpcycleError, disk_error
+from bam_megatron.checkpoint.tool_output import (
+    check_free_space,
+    check_output,
+    finish_checkpoint,
+    move_into_place,
+    new_temporary,
+    raise_disk_error,
+)
+from bam_megatron.errors import UpcycleError
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle.plan import (
     OutputTensor,
@@ -322,10 +329,7 @@ def upcycle(
             except Exception:
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
-        what = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_error(exc)
-        if what:
-            kept = "the existing output is untouched" if os.path.lexists(output) else "nothing was written"
-            raise UpcycleError(f"{what} while writing {tmp}; {kept}; free space or choose another --output") from None
+        raise_disk_error(exc, tmp, output, UpcycleError)
         raise
     result.bytes_read = sum(r.bytes_read for r in readers)
     result.bytes_written = writer.bytes_written

@@ -196,3 +196,17 @@ def test_a_failed_export_writes_nothing(bam_ckpt, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         export_cli.main([bam_ckpt, "-o", str(tmp_path / "hf"), "-q"])
     assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_is_one_line(bam_ckpt, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from bam_megatron.hf import safetensors_io
+
+    def no_space(self, shard, offset, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "_write_bytes", no_space)
+    output = str(tmp_path / "hf")
+    _assert_one_line_nothing_written(lambda: export_cli.main([bam_ckpt, "-o", output, "-q"]), capsys, tmp_path, output,
+                                     "no space left on device", "nothing was written")

@@ -42,22 +42,26 @@ def test_four_identical_imported_seeds_upcycled_and_exported_give_the_seed(hf_mo
 
 
 def test_imported_seed_trains_with_its_recorded_arguments(hf_models, tmp_path):
+    """``--use-checkpoint-args`` takes the model, the tokenizer (copied beside the checkpoint,
+    recorded relative to it) and no-dropout from the import; the result exports again."""
+    from bam_megatron.checkpoint.common import read_common
+    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
     from bam_megatron.training import pretrain
 
     folder, _ = hf_models["qwen3"]
     ckpt = tmp_path / "seed"
     hf_import(folder, str(ckpt), ImportOptions(seq_length=32))
+    trained = str(tmp_path / "trained")
     summary = pretrain([
-        "--load", str(ckpt), "--use-checkpoint-args", "--mock-data", "--train-iters", "2", "--lr", "1e-4",
-        "--micro-batch-size", "2", "--eval-iters", "1", "--eval-interval", "1000", "--log-interval", "1",
-        "--hidden-dropout", "0", "--attention-dropout", "0",
-        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(ckpt / "tokenizer" / "tokenizer.json"),
-        "--save", str(tmp_path / "trained"),
+        "--use-checkpoint-args", "--load", trained, "--save", trained, "--pretrained-checkpoint", str(ckpt),
+        "--mock-data", "--train-iters", "2", "--lr", "1e-4", "--micro-batch-size", "2", "--eval-iters", "1",
+        "--eval-interval", "1000", "--log-interval", "1",
     ])
     assert summary["iteration"] == 2 and torch.isfinite(torch.tensor(summary["valid"]["valid"]))
-    # the trained checkpoint exports again, as the class it came from
-    result = hf_export(str(tmp_path / "trained"), str(tmp_path / "hf"), ExportOptions(tokenizer=str(ckpt / "tokenizer")))
-    assert result.architecture == "Qwen3ForCausalLM"
+    args = read_common(resolve_checkpoint_dir(trained))["args"]
+    assert args["tokenizer_type"] == "HuggingFaceTokenizer" and args["hidden_dropout"] == 0.0
+    result = hf_export(trained, str(tmp_path / "hf"), ExportOptions())
+    assert result.architecture == "Qwen3ForCausalLM" and "tokenizer.json" in result.files
 
 
 @pytest.mark.parametrize("arch,needle", [("qwen2", "--add-qkv-bias"), ("qwen3", "--qk-layernorm")])
