@@ -52,6 +52,11 @@ class PreprocessError(BAMError):
     """A problem with the input or the flags of data preprocessing."""
 
 
+class InferenceError(BAMError, ValueError):
+    """A request the model cannot serve: a prompt longer than its context, a malformed prompt
+    or task file, sampling settings out of range."""
+
+
 def one_line(exc: BaseException) -> str:
     """``"<Type>: <first line of the message>"`` for quoting a library error in a user error."""
     text = str(exc).strip().splitlines()
@@ -64,6 +69,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataConfigError",
+    "InferenceError",
     "LayoutError",
     "PreprocessError",
     "TokenizerConfigError",
