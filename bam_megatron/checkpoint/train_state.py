@@ -9,7 +9,8 @@ Layout::
 The checkpoint holds the model (global, layout-independent keys), the optimizer state (unless
 none exists, e.g. an upcycled model), the LR scheduler, the RNG state of every rank, the
 iteration, the consumed samples and the arguments (``args``: all of them; ``MODEL_ARGS`` define
-the architecture).
+the architecture), and, for a model upcycled by ``tools/upcycle_bam.py``, where its experts came
+from (``upcycling``, carried from the checkpoint it was loaded from).
 
 Atomicity: ranks write into ``iter_XXXXXXX.tmp``; after a barrier rank 0 renames it to
 ``iter_XXXXXXX`` and only then rewrites the tracker (via a temporary file + rename). A crash at
@@ -44,6 +45,7 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
+    upcycling: Optional[dict] = None  # where the experts came from (tools/upcycle_bam.py), kept on
 
 
 def save_checkpoint(
@@ -77,6 +79,8 @@ def save_checkpoint(
         "skipped_iterations": state.skipped_iterations,
         "format_version": FORMAT_VERSION,
     }
+    if state.upcycling:
+        sharded["upcycling"] = state.upcycling
     if optimizer is not None:
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False)
     if scheduler is not None:
@@ -186,11 +190,12 @@ def load_checkpoint(
             set_rng_state(loaded["rng_state"])
 
     if finetune:
-        return TrainState()
+        return TrainState(upcycling=common.get("upcycling"))
     if scheduler is not None and "opt_param_scheduler" in common and load_optim:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainState(
         iteration=int(common.get("iteration", 0)),
         consumed_train_samples=int(common.get("consumed_train_samples", 0)),
         skipped_iterations=int(common.get("skipped_iterations", 0)),
+        upcycling=common.get("upcycling"),
     )
