@@ -13,6 +13,8 @@ PROGRAMS = [
     ("bam_megatron.cli.evaluate", "evaluate_bam.py"),
     ("bam_megatron.cli.preprocess", "preprocess_data.py"),
     ("bam_megatron.cli.build_sample_data", "build_sample_data.py"),
+    ("bam_megatron.cli.generate", "generate.py"),
+    ("bam_megatron.cli.build_tasks", "build_tasks.py"),
 ]
 
 _HELP = """
