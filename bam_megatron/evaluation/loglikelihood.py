@@ -59,13 +59,18 @@ def _score_batch(model, windows: Sequence[Tuple[List[int], List[int]]], rows: in
     for r, (inp, _) in enumerate(windows):
         tokens[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
     positions = torch.arange(width, device=device).unsqueeze(0).expand(rows, -1)
-    logits = forward_logits(model, tokens, positions)
+    # Only the positions that predict continuation tokens go through the output layer.
+    longest = max((len(c) for _, c in windows), default=1)
+    select = torch.zeros(rows, longest, dtype=torch.long, device=device)
+    for r, (inp, cont) in enumerate(windows):
+        select[r, : len(cont)] = torch.arange(len(inp) - len(cont), len(inp), device=device)
+    logits = forward_logits(model, tokens, positions, select=select)
     if not is_last_stage():
         return []
     out = []
     for r, (inp, cont) in enumerate(windows):
         n = len(cont)
-        rows_logits = logits[r, len(inp) - n : len(inp)].float()  # [n, V]: predictions of cont
+        rows_logits = logits[r, :n].float()  # [n, V]: predictions of cont
         target = torch.tensor(cont, device=device)
         logprobs = torch.log_softmax(rows_logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
         greedy = bool((rows_logits.argmax(dim=-1) == target).all())

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 DOMAINS = ("code", "legal", "math", "english")
 DEFAULT_ITEMS = 50
 DEFAULT_CHOICES = 4
-DEFAULT_CONTEXT_CHARS = 240
+DEFAULT_CONTEXT_CHARS = 160
 DEFAULT_CONTINUATION_CHARS = 48
 DEFAULT_SEED = 1234
 
