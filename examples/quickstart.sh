@@ -5,8 +5,10 @@
 #   2. seed         pre-train a dense parallel-block model on general text (+ a little of each domain)
 #   3. branch       continue the seed on each domain (+10% general English) at a lower LR
 #   4. mix          upcycle seed + experts three ways: BAM KV experts, BAM shared KV, BTX
-#   5. train        each MoE on the uniform mixture for the same number of tokens
-#   6. evaluate     per-domain perplexity table (+ routing heatmaps of the BAM models)
+#   5. train        each MoE on the uniform mixture for the same number of tokens, and the dense
+#                   seed too (the baseline: does upcycling beat simply training the seed longer?)
+#   6. evaluate     per-domain perplexity and multiple-choice accuracy on the bundled tasks
+#                   (data/tasks) in one table (+ routing heatmaps of the BAM models)
 #   7. transformers export the BAM KV-experts model (tools/hf_export.py) and sample from it
 #
 # Re-running resumes: a finished stage is skipped, one stopped part-way continues from its last
@@ -18,7 +20,9 @@
 #     (runs/data_large: python tools/build_sample_data.py --out runs/data_large --train-bytes 4000000)
 # Environment knobs: OUT (default runs/quickstart), DATA (a corpus folder in the layout of data/,
 # e.g. a larger one from tools/build_sample_data.py --train-bytes), SEED_ITERS, BRANCH_ITERS,
-# MOE_ITERS, HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS.
+# MOE_ITERS, HIDDEN, LAYERS, HEADS, SEQ, MBS, GBS, EVAL_ITERS, TASKS (a folder of <domain>.jsonl
+# multiple-choice tasks; default $DATA/tasks, built from $DATA/*_valid.jsonl when absent),
+# TASK_LIMIT (items scored per task; default all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${BAM_PYTHON:-$(bash scripts/setup_env.sh)}  # BAM_PYTHON: use this interpreter as it is
@@ -52,6 +56,10 @@ for d in "${DOMAINS[@]}"; do VALID+=("$d:$BIN/${d}_valid_text_document"); done
 COMMON=("${TOK[@]}" --micro-batch-size "$MBS" --global-batch-size "$GBS" --weight-decay 0.1
         --clip-grad 1.0 --log-interval 25 --eval-iters "$EVAL_ITERS" --valid-data-path "${VALID[@]}"
         --split 100,0,0 --seed 1234)
+
+TASKS=${TASKS:-$DATA/tasks}
+TASK_ARGS=()
+for d in "${DOMAINS[@]}"; do TASK_ARGS+=("$d=$TASKS/$d.jsonl"); done
 
 stage() { echo; echo "=== [quickstart] $* ==="; }
 has_ckpt() { [ -f "$1/latest_checkpointed_iteration.txt" ]; }  # a complete checkpoint, any iteration
@@ -113,7 +121,8 @@ for name in bam_kv_experts bam_shared_kv btx; do
   stage "4/7 mix: $name (${MODE[$name]}) from ${#SEEDS[@]} dense models"
   if has_ckpt "$OUT/upcycled_$name"; then echo "[quickstart] done, skipping"; continue; fi
   "$PY" tools/upcycle_bam.py --attention-experts "${MODE[$name]}" --moe-router-topk 1 \
-    --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --output "$OUT/upcycled_$name" "${SEEDS[@]}"
+    --moe-aux-loss-coeff 0.01 --moe-z-loss-coeff 0.001 --output "$OUT/upcycled_$name" "${SEEDS[@]}" \
+    --expert-names seed "${EXPERT_DOMAINS[@]}"
 done
 
 # 5. train the MoE models on the uniform mixture ---------------------------------------------
@@ -128,15 +137,27 @@ for name in bam_kv_experts bam_shared_kv btx; do
     --eval-interval "$MOE_ITERS" --save-interval 100 --keep-last-checkpoints 1
 done
 
+# The baseline: the dense seed on the same uniform mixture, for the same steps, batch and schedule.
+stage "5/7 train the dense seed on the uniform mixture ($MOE_ITERS steps): the dense baseline"
+if done_at "$OUT/dense_continued" "$MOE_ITERS"; then echo "[quickstart] dense_continued done, skipping"; else
+  "$PY" pretrain_bam.py "${MODEL[@]}" "${COMMON[@]}" \
+    --load "$OUT/dense_continued" --save "$OUT/dense_continued" --pretrained-checkpoint "$OUT/seed" \
+    --data-path "${UNIFORM[@]}" --train-iters "$MOE_ITERS" --override-opt-param-scheduler \
+    --lr 1.5e-3 --min-lr 1.5e-4 --lr-warmup-iters $(( MOE_ITERS / 10 )) --lr-decay-style cosine \
+    --eval-interval "$MOE_ITERS" --save-interval 100 --keep-last-checkpoints 1
+fi
+
 # 6. evaluate ---------------------------------------------------------------------------------
-stage "6/7 evaluate: per-domain perplexity"
+stage "6/7 evaluate: per-domain perplexity and multiple-choice accuracy"
+if [ ! -f "$TASKS/english.jsonl" ]; then "$PY" tools/build_tasks.py --data "$DATA" --out "$TASKS"; fi
 "$PY" tools/evaluate_bam.py \
   --model "seed=$OUT/seed" \
   --model "code expert=$OUT/expert_code" --model "legal expert=$OUT/expert_legal" \
-  --model "math expert=$OUT/expert_math" \
+  --model "math expert=$OUT/expert_math" --model "dense continued=$OUT/dense_continued" \
   --model "BTX=$OUT/btx" --model "BAM shared KV=$OUT/bam_shared_kv" --model "BAM KV experts=$OUT/bam_kv_experts" \
   --valid-data-path "${VALID[@]}" "${TOK[@]}" --eval-iters "$EVAL_ITERS" --micro-batch-size "$MBS" \
-  --global-batch-size "$GBS" --out-dir "$OUT/results" --routing
+  --global-batch-size "$GBS" --out-dir "$OUT/results" --routing \
+  --tasks "${TASK_ARGS[@]}" ${TASK_LIMIT:+--task-limit "$TASK_LIMIT"}
 echo
 echo "[quickstart] results: $OUT/results/results.md, routing heatmaps in $OUT/results/routing/"
 

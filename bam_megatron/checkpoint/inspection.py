@@ -125,7 +125,9 @@ def format_inspection(info: dict, show_args: bool = True) -> str:
     ]
     if info.get("upcycling"):
         up = info["upcycling"]
-        lines.append(f"upcycled ({up.get('mode')}) from: " + ", ".join(up.get("seeds", [])))
+        names = up.get("expert_names") or []
+        seeds = [f"{n} = {p}" if n else p for n, p in zip(list(names) + [None] * len(up.get("seeds", [])), up.get("seeds", []))]
+        lines.append(f"upcycled ({up.get('mode')}) from: " + ", ".join(seeds))
     lines += ["", "expert layout:"]
     attn = lay["attention"]
     kv_text = {"per expert": "K,V per expert", "shared": "K,V shared", "dense": "ordinary attention"}[attn["kv"]]

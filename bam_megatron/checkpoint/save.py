@@ -85,6 +85,8 @@ def _sharded_state(state, model, optimizer, scheduler, args_dict: dict) -> dict:
         "skipped_iterations": state.skipped_iterations,
         "format_version": FORMAT_VERSION,
     }
+    if getattr(state, "upcycling", None):
+        sharded["upcycling"] = state.upcycling
     if optimizer is not None:
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False)
     if scheduler is not None:

@@ -10,6 +10,8 @@ architecture).
 checksums when recorded); ``load_checkpoint`` restores the weights and, as asked and where
 present, the optimizer, the scheduler (Megatron-LM's schedule rules, ``training/schedule.py``)
 and the RNG, and says what it did in a ``LoadReport``.
+A model upcycled by ``tools/upcycle_bam.py`` also carries where its experts came from
+(``upcycling``), kept on by every later save.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     skipped_iterations: int = 0
+    upcycling: Optional[dict] = None  # where the experts came from (tools/upcycle_bam.py), kept on
 
 
 @dataclass
@@ -201,11 +204,12 @@ def load_checkpoint(ckpt_dir: str, model: List[torch.nn.Module], optimizer, sche
     _check_nothing_missing(ckpt_dir, unexpected)
     _restore(loaded, sharded, unexpected, model, optimizer, report)
     if finetune:
-        return TrainState(), report
+        return TrainState(upcycling=common.get("upcycling")), report
     _restore_schedule(scheduler, common, load_optim, report)
     state = TrainState(
         iteration=int(common.get("iteration", 0)),
         consumed_train_samples=int(common.get("consumed_train_samples", 0)),
         skipped_iterations=int(common.get("skipped_iterations", 0)),
+        upcycling=common.get("upcycling"),
     )
     return state, report

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", type=float, default=None, metavar="W",
                    help="One weight per seed for the averaged tensors (normalised to sum to 1; default uniform). "
                    "Give it after the checkpoints, or end its list with --.")
+    p.add_argument("--expert-names", nargs="+", default=None, metavar="NAME",
+                   help="One name per seed, in order (recorded in the checkpoint; routing heatmaps label experts with them). "
+                   "Default: the seeds' directory names. Give it after the checkpoints, or end its list with --.")
     p.add_argument("--router-init", choices=ROUTER_INITS, default="random", help="Router weights: random normal or zero.")
     p.add_argument("--router-std", type=float, default=None, help="Std of random routers (default: the seeds' --init-method-std).")
     p.add_argument("--seed", type=int, default=1234, help="Random seed of the router init.")
@@ -94,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        expert_names=args.expert_names,
     )
     release_freed_buffers()
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

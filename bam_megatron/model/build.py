@@ -27,6 +27,7 @@ def build_bam_model(
     rotary_percent: float = 1.0,
     rotary_base: int = 10000,
     parallel_output: bool = True,
+    inference: bool = False,
 ) -> GPTModel:
     """A ``GPTModel`` whose layers are BAM blocks, for this rank's pipeline stage.
 
@@ -39,11 +40,13 @@ def build_bam_model(
             pipeline rank.
         use_te: force Transformer Engine linears on (True) or off (False); default: when it
             imports.
+        inference: the model only runs forward (``inference/load.py`` builds it so, without
+            sequence parallelism); relaxes the training-only checks.
 
     Raises:
         BAMConfigError: an invalid setting, before anything is built.
     """
-    validate_bam_setup(config, bam)
+    validate_bam_setup(config, bam, inference=inference)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

@@ -22,8 +22,6 @@ ATTN_ROUTING_CHOICES = ("soft", "topk")
 SUPPORTED_RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act")
 
 
-
-
 @dataclass
 class BAMConfig:
     """Options of the BAM block.
@@ -87,10 +85,12 @@ def validate_bam_setup(
     tensor_model_parallel_size: Optional[int] = None,
     expert_model_parallel_size: Optional[int] = None,
     pipeline_model_parallel_size: Optional[int] = None,
+    inference: bool = False,
 ) -> None:
     """Check a ``TransformerConfig`` + ``BAMConfig`` pair before building anything.
 
-    Parallel sizes default to the ones recorded in ``config``.
+    Parallel sizes default to the ones recorded in ``config``. ``inference``: the model only runs
+    forward (generation, scoring), where FFN experts with TP > 1 need no sequence parallelism.
 
     Raises:
         BAMConfigError: one line naming the problem and the fix.
@@ -100,7 +100,7 @@ def validate_bam_setup(
     pp = pipeline_model_parallel_size or config.pipeline_model_parallel_size
     _validate_shape(config, tp, pp)
     if config.num_moe_experts is not None:
-        _validate_ffn_experts(config, tp, ep)
+        _validate_ffn_experts(config, tp, ep, inference)
     elif ep > 1 and not bam.is_moa:
         raise BAMConfigError(
             f"--expert-model-parallel-size {ep} needs experts to distribute; set --num-experts "
@@ -152,8 +152,8 @@ def _validate_shape(config, tp: int, pp: int) -> None:
         )
 
 
-def _validate_ffn_experts(config, tp: int, ep: int) -> None:
-    """FFN experts: the expert-parallel size divides them; top-k fits; SP with TP."""
+def _validate_ffn_experts(config, tp: int, ep: int, inference: bool = False) -> None:
+    """FFN experts: the expert-parallel size divides them; top-k fits; SP with TP (training)."""
     experts = config.num_moe_experts
     if experts % ep:
         raise BAMConfigError(
@@ -165,7 +165,7 @@ def _validate_ffn_experts(config, tp: int, ep: int) -> None:
             f"--moe-router-topk {config.moe_router_topk} is larger than --num-experts "
             f"{experts}; lower the top-k"
         )
-    if tp > 1 and not config.sequence_parallel:
+    if tp > 1 and not config.sequence_parallel and not inference:
         raise BAMConfigError(
             "FFN experts with --tensor-model-parallel-size > 1 need --sequence-parallel "
             "(megatron-core requirement); add --sequence-parallel"

@@ -41,7 +41,13 @@ class BAMParallelTransformerLayer(TransformerLayer):
         inference_params=None,
         **unused,
     ):
-        """Returns ``(output [s, b, h], context)`` like ``TransformerLayer``."""
+        """Returns ``(output [s, b, h], context)`` like ``TransformerLayer``.
+
+        Inference: ``inference_context`` (megatron-core's static context; ``inference_params`` is
+        its deprecated name) goes to the attention, which keeps the KV cache; the FFN (dense or
+        ``MoELayer``) is per token and needs no state.
+        """
+        inference_context = inference_context if inference_context is not None else inference_params
         residual = hidden_states
         normed = self.input_layernorm(hidden_states)
 

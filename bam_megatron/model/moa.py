@@ -65,6 +65,7 @@ from megatron.core.tensor_parallel.random import (
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from bam_megatron.model import kv_cache
 from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.rope import apply_rope
 from bam_megatron.model.sdpa import fused_attention, softmax_scale
@@ -319,11 +320,15 @@ class MixtureOfAttention(MegatronModule):
         start = self.ep_rank * self.num_local_experts
         return probs[..., start : start + self.num_local_experts]
 
-    def _project_qkv(self, x: torch.Tensor, rotary_pos_emb):
+    def _project_qkv(self, x: torch.Tensor, rotary_pos_emb, offset: int = 0):
         """One QKV GEMM for all local experts, then RoPE.
 
         Args:
-            x: ``[B, s, d]`` (all tokens of the EP group, the whole sequence).
+            x: ``[B, s, d]`` (all tokens of the EP group, the whole sequence or, with a KV
+                cache, the new tokens).
+            rotary_pos_emb: megatron-core's ``freqs [S, 1, 1, dh]`` (or a (q, k) pair) for
+                positions ``0..S-1``, ``S >= offset + s``.
+            offset: position of the first token (the KV cache's filled length).
 
         Returns:
             ``q [B, s, heads, dh]`` (fused head order), ``k, v [B, s, kv_heads, dh]``.
@@ -342,6 +347,7 @@ class MixtureOfAttention(MegatronModule):
             k, v = qkv[..., r, :], qkv[..., r + 1, :]
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            q_emb, k_emb = q_emb[offset : offset + s], k_emb[offset : offset + s]
             # megatron's RoPE takes [s, b, h, d] (freqs [s, 1, 1, d]); a transposed view is fine.
             q = apply_rope(q.transpose(0, 1), q_emb, self.config).transpose(0, 1)
             k = apply_rope(k.transpose(0, 1), k_emb, self.config).transpose(0, 1)
@@ -391,13 +397,23 @@ class MixtureOfAttention(MegatronModule):
         sequence_len_offset=None,
         **unused,
     ):
-        """``hidden_states [s_local, b, d]`` -> ``(output [s_local, b, d], None)``."""
-        if inference_context is not None or unused.get("inference_params") is not None:
-            raise NotImplementedError("MixtureOfAttention has no KV-cache inference path yet")
+        """``hidden_states [s_local, b, d]`` -> ``(output [s_local, b, d], None)``.
+
+        With megatron-core's static ``inference_context`` the ``s`` tokens are positions
+        ``[offset, offset + s)`` of each sequence (``offset = sequence_len_offset``): their keys
+        and values join the context's KV cache (``kv_cache.py``) and the queries attend over all
+        cached positions; ``attention_mask`` is then not used (causal over the cache).
+        """
+        context = kv_cache.static_context(inference_context or unused.get("inference_params"))
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("MixtureOfAttention supports neither packed sequences nor attention_bias")
         if key_value_states is not None:
             raise NotImplementedError("MixtureOfAttention is self-attention only")
+        if context is not None and self.sequence_parallel:
+            raise NotImplementedError(
+                "MixtureOfAttention inference runs without sequence parallelism; build the model "
+                "with sequence_parallel=False (inference/load.py does)"
+            )
 
         b = hidden_states.shape[1]
         # Tokens to [batch, seq, d] (what the GEMMs and the flash kernels read), then gather the
@@ -408,12 +424,18 @@ class MixtureOfAttention(MegatronModule):
             x = comm.all_gather(x, 1, self.tp_group)
         else:
             x = comm.copy_to_group(x, self.tp_group)
-        q, k, v = self._project_qkv(x, rotary_pos_emb)
+        offset = context.sequence_len_offset if context is not None else 0
+        q, k, v = self._project_qkv(x, rotary_pos_emb, offset)
 
-        mask = attention_mask
-        if mask is not None and mask.shape[0] > 1 and self.ep_size > 1:
-            mask = comm.all_gather(mask, 0, self.ep_group)
         causal = self.attn_mask_type == AttnMaskType.causal
+        if context is not None:
+            k, v = kv_cache.append_key_value(context, self.layer_number, k, v, self.ep_size)
+            mask = kv_cache.causal_mask_from(offset, q.shape[1], k.shape[1], q.device)
+            causal = causal and q.shape[1] > 1 and mask is None
+        else:
+            mask = attention_mask
+            if mask is not None and mask.shape[0] > 1 and self.ep_size > 1:
+                mask = comm.all_gather(mask, 0, self.ep_group)
         attention = functools.partial(self._attention, causal=causal)
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         if self.recompute_core_attn and self.training:

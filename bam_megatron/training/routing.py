@@ -4,7 +4,8 @@
 (megatron-core ``TopKRouter``) for the duration of a ``with`` block and returns, per layer and
 expert, the mean attention-router weight and the fraction of FFN routing slots sent to each
 expert — reduced over all ranks, so the result is the same at any TP/PP/EP/DP layout.
-``write_routing_report`` saves them as CSV and PNG heatmaps (one per domain and kind).
+``write_routing_report`` saves them as CSV and PNG heatmaps (one per router kind, a panel per
+domain), experts named after the checkpoints they were upcycled from.
 """
 
 from __future__ import annotations
@@ -97,9 +98,42 @@ class RoutingRecorder:
         return out
 
 
-def write_routing_report(routing: Dict[str, dict], out_dir: str, model_name: str) -> List[str]:
-    """Write ``<out_dir>/<model>_routing.csv`` and one heatmap PNG per domain and router kind
-    (layers × experts). ``routing``: ``{domain: RoutingRecorder.result()}``. Returns the paths."""
+def _expert_labels(count: int, names: Optional[List[str]]) -> List[str]:
+    """``names`` when there is one per expert, else ``0..count-1``."""
+    if names and len(names) == count:
+        return [str(n) for n in names]
+    return [str(i) for i in range(count)]
+
+
+def _heatmap(ax, data: np.ndarray, labels: List[str], title: str, first: bool):
+    """One layers × experts panel; the colour scale is centred on the uniform share 1/N."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    uniform = 1.0 / data.shape[1]
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=1.0)
+    im = ax.imshow(data, norm=norm, cmap="RdBu_r", aspect="auto")
+    ax.set_title(title)
+    ax.set_xlabel("expert (source checkpoint)")
+    if first:
+        ax.set_ylabel("layer")
+    long = max(map(len, labels)) > 3
+    ax.set_xticks(range(data.shape[1]), labels=labels, rotation=30 if long else 0, ha="right" if long else "center")
+    ax.set_yticks(range(data.shape[0]), labels=[str(i + 1) for i in range(data.shape[0])])
+    for (i, j), v in np.ndenumerate(data):
+        dark = abs(float(norm(v)) - 0.5) > 0.28
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    return im, uniform
+
+
+def write_routing_report(
+    routing: Dict[str, dict], out_dir: str, model_name: str, expert_names: Optional[List[str]] = None
+) -> List[str]:
+    """Write ``<out_dir>/<model>_routing.csv`` and one heatmap PNG per router kind (a panel per
+    domain, layers × experts). ``routing``: ``{domain: RoutingRecorder.result()}``;
+    ``expert_names``: one name per expert (the checkpoint it was upcycled from), used for the
+    axis and the CSV. The colour scale is labelled and centred on the uniform share 1/N
+    (white), marked on the colour bar: red = more than an even share, blue = less. Returns the
+    paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,34 +144,32 @@ def write_routing_report(routing: Dict[str, dict], out_dir: str, model_name: str
     csv_path = os.path.join(out_dir, f"{model_name}_routing.csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "domain", "router", "layer", "expert", "value"])
+        w.writerow(["model", "domain", "router", "layer", "expert", "value", "expert_name"])
         for domain, kinds in routing.items():
             for kind, table in kinds.items():
                 for layer, row in enumerate(table or [], start=1):
+                    labels = _expert_labels(len(row), expert_names)
                     for expert, value in enumerate(row):
-                        w.writerow([model_name, domain, kind, layer, expert, f"{value:.6f}"])
+                        w.writerow([model_name, domain, kind, layer, expert, f"{value:.6f}", labels[expert]])
     paths.append(csv_path)
 
-    for kind, label in (("attention", "mean attention-router weight"), ("ffn", "FFN expert load")):
+    for kind, label in (("attention", "mean attention-router weight"), ("ffn", "FFN expert load (share of routed tokens)")):
         domains = [d for d in routing if routing[d].get(kind)]
         if not domains:
             continue
         fig, axes = plt.subplots(
-            1, len(domains), figsize=(3.2 * len(domains) + 1.0, 3.4), squeeze=False, constrained_layout=True
+            1, len(domains), figsize=(3.2 * len(domains) + 1.4, 3.8), squeeze=False, constrained_layout=True
         )
         for ax, domain in zip(axes[0], domains):
-            data = torch.tensor(routing[domain][kind]).numpy()
-            im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-            ax.set_title(domain)
-            ax.set_xlabel("expert")
-            if ax is axes[0][0]:
-                ax.set_ylabel("layer")
-            ax.set_xticks(range(data.shape[1]))
-            ax.set_yticks(range(data.shape[0]), labels=[str(i + 1) for i in range(data.shape[0])])
-            for (i, j), v in np.ndenumerate(data):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.5 else "black")
-        fig.suptitle(f"{model_name}: {label}")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+            data = np.array(routing[domain][kind], dtype=float)
+            labels = _expert_labels(data.shape[1], expert_names)
+            im, uniform = _heatmap(ax, data, labels, domain, ax is axes[0][0])
+        fig.suptitle(f"{model_name}: {label} per layer, by evaluation domain")
+        bar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        bar.set_label(f"{label} (white = uniform 1/N)")
+        ticks = sorted({0.0, uniform, 0.5, 1.0})
+        bar.set_ticks(ticks, labels=[f"1/N = {t:.2f}" if t == uniform else f"{t:.1f}" for t in ticks])
+        bar.ax.axhline(uniform, color="black", linewidth=1.2)
         path = os.path.join(out_dir, f"{model_name}_{kind}_routing.png")
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)

@@ -79,6 +79,7 @@ from bam_megatron.upcycle.plan import (
     UpcycleOptions,
     check_options,
     count_parameters,
+    expert_names,
     output_args,
     plan_outputs,
 )
@@ -273,6 +274,7 @@ def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float) 
         "upcycling": {
             "mode": opts.mode,
             "seeds": [os.path.abspath(s.path) for s in seeds],
+            "expert_names": expert_names([s.path for s in seeds], opts),
             "seed_iterations": [s.iteration for s in seeds],
             "weights": list(weights),
             "router_init": opts.router_init,
@@ -361,11 +363,12 @@ def format_summary(result: UpcycleResult) -> str:
         + ({"shared-kv": ", K/V", "merged": ", attention"}.get(mode, "")),
         "",
     ]
-    rows = [("expert", "attention from", "FFN from", "iteration")]
-    for s in result.seeds:
+    rows = [("expert", "name", "attention from", "FFN from", "iteration")]
+    names = expert_names([s.path for s in result.seeds], result.options)
+    for s, name in zip(result.seeds, names):
         attn_src = s.path if mode != "merged" else "(averaged)"
-        rows.append((str(s.index), attn_src, s.path, "" if s.iteration is None else str(s.iteration)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((str(s.index), name, attn_src, s.path, "" if s.iteration is None else str(s.iteration)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         lines.append("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
         if i == 0:

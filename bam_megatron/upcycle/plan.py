@@ -9,6 +9,8 @@ output records so that ``pretrain_bam.py --use-checkpoint-args`` rebuilds the mo
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -57,6 +59,7 @@ class UpcycleOptions:
     moe_aux_loss_coeff: Optional[float] = None
     moe_z_loss_coeff: Optional[float] = None
     moe_router_load_balancing_type: Optional[str] = None
+    expert_names: Optional[Sequence[str]] = None  # per seed; default: the seeds' directory names
 
 
 @dataclass
@@ -86,6 +89,8 @@ def check_options(num_seeds: int, opts: UpcycleOptions) -> List[float]:
             raise UpcycleError("--weights must be finite, non-negative and not all zero")
         total = float(sum(opts.weights))
         weights = [float(w) / total for w in opts.weights]
+    if opts.expert_names is not None and (len(opts.expert_names) != n or not all(str(x).strip() for x in opts.expert_names)):
+        raise UpcycleError(f"--expert-names has {len(opts.expert_names)} names for {n} seeds; give one non-empty name per seed, in order")
     if opts.router_init not in U.ROUTER_INITS:
         raise UpcycleError(f"unknown --router-init {opts.router_init!r}; choose one of {', '.join(U.ROUTER_INITS)}")
     if opts.router_std is not None and not opts.router_std > 0:
@@ -102,6 +107,23 @@ def check_options(num_seeds: int, opts: UpcycleOptions) -> List[float]:
         if not 1 <= opts.attn_topk <= n:
             raise UpcycleError(f"--attn-topk {opts.attn_topk} must be between 1 and the number of seeds ({n})")
     return weights
+
+
+def default_expert_name(path: str) -> str:
+    """A seed's name from its path: the checkpoint directory's name (the parent of an ``iter_*``
+    or ``release`` directory)."""
+    path = os.path.normpath(os.path.abspath(path))
+    base = os.path.basename(path)
+    if base == "release" or re.fullmatch(r"iter_\d+", base):
+        base = os.path.basename(os.path.dirname(path))
+    return base
+
+
+def expert_names(seed_paths: Sequence[str], opts: UpcycleOptions) -> List[str]:
+    """One name per expert (``--expert-names``, else the seeds' directory names)."""
+    if opts.expert_names is not None:
+        return [str(x).strip() for x in opts.expert_names]
+    return [default_expert_name(p) for p in seed_paths]
 
 
 def plan_outputs(arch: Architecture, n: int, opts: UpcycleOptions) -> Dict[str, OutputTensor]:

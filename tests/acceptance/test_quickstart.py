@@ -1,4 +1,5 @@
-"""A reduced run of examples/quickstart.sh end to end: every stage's output is checked."""
+"""A reduced run of examples/quickstart.sh end to end: every stage's output is checked, including
+the dense continued-training baseline, the accuracy columns and the expert names."""
 
 import csv
 import os
@@ -12,7 +13,8 @@ from bam_megatron.checkpoint.common import read_common
 from bam_megatron.checkpoint.layout import resolve_checkpoint_dir as resolve_load_dir
 from bam_megatron.checkpoint.weights import read_global_tensors
 
-ROWS = ["seed", "code expert", "legal expert", "math expert", "BTX", "BAM shared KV", "BAM KV experts"]
+ROWS = ["seed", "code expert", "legal expert", "math expert", "dense continued", "BTX", "BAM shared KV", "BAM KV experts"]
+DOMAINS = ("code", "legal", "math", "english")
 
 
 @pytest.mark.slow
@@ -21,14 +23,14 @@ def test_quickstart_pipeline(tmp_path):
     env = dict(
         os.environ, BAM_PYTHON=sys.executable, OUT=str(out), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
         WANDB_MODE="disabled", LAYERS="1", HIDDEN="64", HEADS="4", SEQ="64", MBS="8", GBS="8",
-        SEED_ITERS="12", BRANCH_ITERS="6", MOE_ITERS="6", EVAL_ITERS="1",
+        SEED_ITERS="12", BRANCH_ITERS="6", MOE_ITERS="6", EVAL_ITERS="1", TASK_LIMIT="12",
     )
     run = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     # Every stage left a complete checkpoint at its last iteration.
     for name, iters in [("seed", 12), ("expert_code", 6), ("expert_legal", 6), ("expert_math", 6),
-                        ("bam_kv_experts", 6), ("bam_shared_kv", 6), ("btx", 6)]:
+                        ("bam_kv_experts", 6), ("bam_shared_kv", 6), ("btx", 6), ("dense_continued", 6)]:
         common = read_common(resolve_load_dir(str(out / name)))
         assert common["iteration"] == iters, name
     # The mixes have the expected experts.
@@ -38,17 +40,25 @@ def test_quickstart_pipeline(tmp_path):
     assert shared["bam_kv_sharing"] and shared["bam_attn_experts"] == 4
     btx = read_common(resolve_load_dir(str(out / "upcycled_btx")))["args"]
     assert btx["bam_attn_experts"] == 1 and btx["num_experts"] == 4
+    # The experts' names, recorded by the upcycle tool, survive training.
+    for name in ("upcycled_bam_kv_experts", "bam_kv_experts", "btx"):
+        upcycling = read_common(resolve_load_dir(str(out / name)))["upcycling"]
+        assert upcycling["expert_names"] == ["seed", "code", "legal", "math"], name
+    assert read_common(resolve_load_dir(str(out / "dense_continued")))["args"].get("num_experts") is None
 
-    # The results table has every row and every domain, with finite perplexities.
+    # The results table has every row, perplexity per domain and accuracy per task.
     table = (out / "results" / "results.md").read_text()
     for row in ROWS:
         assert f"| {row} |" in table
+    assert "| code ppl |" in table and "| Avg ppl | code acc |" in table and "| Avg acc |" in table
     with open(out / "results" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["model"] for r in rows] == ROWS
     for r in rows:
-        for domain in ("code", "legal", "math", "english"):
+        for domain in DOMAINS:
             assert 1.0 < float(r[f"{domain}_ppl"]) < 1e6
+            assert 0.0 <= float(r[f"{domain}_acc"]) <= 1.0 and 0.0 <= float(r[f"{domain}_acc_norm"]) <= 1.0
+            assert float(r[f"{domain}_acc"]) * 12 == pytest.approx(round(float(r[f"{domain}_acc"]) * 12), abs=0.01)  # 12 items
     # Routing heatmaps and CSVs of the BAM models.
     routing = out / "results" / "routing"
     for model in ("bam_kv_experts", "bam_shared_kv"):
@@ -65,14 +75,14 @@ def test_quickstart_pipeline(tmp_path):
     # Re-running resumes: every stage is skipped.
     again = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("skipping") >= 10
+    assert again.stdout.count("skipping") >= 11
 
     # A stage that stopped part-way continues from its own last checkpoint (here: the mixing stage
     # asked for more steps than its checkpoints hold), keeping its trained weights.
     more = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=dict(env, MOE_ITERS="8"),
                           capture_output=True, text=True, timeout=900)
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
-    for name in ("bam_kv_experts", "bam_shared_kv", "btx"):
+    for name in ("bam_kv_experts", "bam_shared_kv", "btx", "dense_continued"):
         assert f"loaded {out / name}/iter_0000006 at iteration 6" in more.stdout, name
         assert read_common(resolve_load_dir(str(out / name)))["iteration"] == 8, name
     assert more.stdout.count("skipping") >= 7  # seed, experts and mixes are not redone
