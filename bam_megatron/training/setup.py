@@ -134,7 +134,7 @@ def model_flops_per_token(args) -> float:
         seq_length=args.seq_length, vocab_size=args.padded_vocab_size,
         gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts,
         kv_sharing=args.bam_kv_sharing, ffn_experts=args.num_experts or 0,
-        ffn_topk=args.moe_router_topk,
+        ffn_topk=args.moe_router_topk, shared_ffn_size=args.moe_shared_expert_intermediate_size or 0,
     )
 
 
@@ -149,6 +149,8 @@ def parameter_totals(args):
         gated_linear_unit=args.swiglu, attn_experts=args.bam_attn_experts, kv_sharing=args.bam_kv_sharing,
         attn_topk=args.bam_attn_topk if args.bam_attn_routing == "topk" else None,
         ffn_experts=args.num_experts or 0, ffn_topk=args.moe_router_topk,
+        shared_ffn_size=args.moe_shared_expert_intermediate_size or 0,
+        nexus_sizes=(args.nexus_domain_size, args.nexus_projection_size) if args.moe_router_type == "nexus" else None,
         untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
         bias=args.add_bias_linear,
     )
@@ -162,6 +164,10 @@ def banner(run) -> str:
     args = run.args
     total, active = parameter_totals(args)
     experts = f"{args.bam_attn_experts} attention expert(s), {args.num_experts or 0} FFN expert(s)"
+    if args.moe_shared_expert_intermediate_size:
+        experts += " + 1 shared"
+    if args.num_experts and args.moe_router_type == "nexus":
+        experts += " (Nexus router)"
     return (
         f"[run] model: {total:,} parameters ({active:,} active per token); {args.num_layers} layers, "
         f"hidden {args.hidden_size}, {experts}, {'sequential' if args.bam_sequential_block else 'parallel'} blocks\n"

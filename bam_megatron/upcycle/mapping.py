@@ -45,6 +45,12 @@ MLP_FC = ("mlp.linear_fc1.", "mlp.linear_fc2.")
 EXPERTS_PREFIX = "mlp.experts.experts."
 ATTN_ROUTER_KEY = LAYER_PREFIX + "self_attention.router.weight"
 FFN_ROUTER_KEY = LAYER_PREFIX + "mlp.router.weight"
+SHARED_PREFIX = "mlp.shared_experts."
+SHARED_FC1_KEY = LAYER_PREFIX + SHARED_PREFIX + "linear_fc1.weight"
+# The Nexus router (model/nexus_router.py): fixed domain embeddings and a learned projection.
+NEXUS_DOMAIN_KEY = LAYER_PREFIX + "mlp.router.domain_embeddings"  # [L, N, D]
+NEXUS_FC1_KEY = LAYER_PREFIX + "mlp.router.projection_fc1.weight"  # [L, 2P, D]
+NEXUS_FC2_KEY = LAYER_PREFIX + "mlp.router.projection_fc2.weight"  # [L, d, P]
 
 # Transformer Engine fuses the norms into the following linear layer; its checkpoints name them
 # after that layer. Keys below are relative to ``decoder.layers.``.
