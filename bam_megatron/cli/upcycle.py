@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-expert", action=argparse.BooleanOptionalAction, default=None,
                    help="Seed 0's FFN as an always-on shared expert, seeds 1..N-1 the routed FFN experts (default: on with --router nexus, off otherwise).")
     g.add_argument("--domain-embeddings", default=None, metavar="FILE", help="Nexus: the domain embeddings of the routed experts (tools/domain_embeddings.py).")
-    g.add_argument("--domains", nargs="+", default=None, metavar="NAME",
-                   help="Nexus: which domains of --domain-embeddings, in expert order (default: all, in the file's order).")
+    g.add_argument("--domains", default=None, metavar="NAME,NAME,...",
+                   help="Nexus: which domains of --domain-embeddings, in expert order, comma-separated (default: all, in the file's order).")
     g.add_argument("--nexus-projection-size", type=int, default=None, help="Nexus: hidden size of the SwiGLU projection (default: the hidden size).")
     p.add_argument("--attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing recorded for training (default soft).")
     p.add_argument("--attn-topk", type=int, default=1, help="k for --attn-routing topk.")
@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         router=args.router,
         shared_expert=args.shared_expert,
         domain_embeddings=args.domain_embeddings,
-        domains=args.domains,
+        domains=[d for d in args.domains.split(",") if d] if args.domains else None,
         nexus_projection_size=args.nexus_projection_size,
     )
     release_freed_buffers()

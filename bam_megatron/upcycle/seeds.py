@@ -129,7 +129,7 @@ def _check_dense(seed: Seed) -> None:
     for key in seed.tensors:
         if U.is_dense_key(key):
             continue
-        if "router" in key or ".experts." in key or "linear_q." in key or "linear_kv." in key:
+        if "router" in key or "experts." in key or "linear_q." in key or "linear_kv." in key:
             raise UpcycleError(
                 f"{seed.name} is not a dense model (it has {key}); the Mix phase takes dense "
                 "checkpoints: the seed and the domain experts branched from it"

@@ -13,6 +13,8 @@ PROGRAMS = [
     ("bam_megatron.cli.evaluate", "evaluate_bam.py"),
     ("bam_megatron.cli.preprocess", "preprocess_data.py"),
     ("bam_megatron.cli.build_sample_data", "build_sample_data.py"),
+    ("bam_megatron.cli.domain_embeddings", "domain_embeddings.py"),
+    ("bam_megatron.cli.add_expert", "add_expert.py"),
 ]
 
 _HELP = """
