@@ -19,12 +19,14 @@ Tensors (per MoE layer; checkpoint keys under ``decoder.layers.mlp.router.``, la
 
 | name                    | local shape | global shape   | trained |
 |-------------------------|-------------|----------------|---------|
-| ``domain_embeddings``   | ``[N, D]``  | ``[L, N, D]``  | no (a persistent buffer) |
+| ``domain_embeddings``   | ``[N, D]``  | ``[L, N, D]``  | no (a persistent fp32 buffer) |
 | ``projection_fc1.weight`` | ``[2P, D]`` | ``[L, 2P, D]`` | yes |
 | ``projection_fc2.weight`` | ``[d, P]``  | ``[L, d, P]``  | yes |
 
 All three are replicated on every rank (TP, EP and DP), like megatron-core's router weight, so
-the checkpoint keys do not depend on the layout. Under sequence parallelism each TP rank routes
+the checkpoint keys do not depend on the layout. The domain embeddings stay in fp32 whatever the
+model's dtype (like megatron-core's expert bias): domains embedded by one model differ by a few
+percent, which bf16 would blur; the projection is computed in fp32. Under sequence parallelism each TP rank routes
 other tokens, so the projection's gradients are summed over TP (``sequence_parallel``
 attribute, as for the linear router).
 """
@@ -106,7 +108,7 @@ class NexusRouter(TopKRouter):
             config.init_method(fc1)
             config.init_method(fc2)
         device, dtype = param_device(config), config.params_dtype
-        self.register_buffer("domain_embeddings", domain.to(device=device, dtype=dtype), persistent=True)
+        self.register_buffer("domain_embeddings", domain.to(device=device), persistent=True)
         self.projection_fc1 = _Weight(fc1.to(device=device, dtype=dtype))
         self.projection_fc2 = _Weight(fc2.to(device=device, dtype=dtype))
         for w in (self.projection_fc1.weight, self.projection_fc2.weight):

@@ -145,7 +145,8 @@ def nexus_router_tensors(
             projection still learns (with both zero its gradients would stay zero).
 
     Returns:
-        ``{domain_embeddings [L, N, D], projection_fc1 [L, 2P, D], projection_fc2 [L, d, P]}``.
+        ``{domain_embeddings [L, N, D] (fp32), projection_fc1 [L, 2P, D], projection_fc2 [L, d, P]}``
+        (the projection in ``dtype``).
     """
     if init not in U.ROUTER_INITS:
         raise ValueError(f"unknown router init {init!r}; choose one of {U.ROUTER_INITS}")
@@ -155,7 +156,7 @@ def nexus_router_tensors(
     if init == "random":
         fc2.normal_(0.0, std, generator=generator)
     emb = domains.float().unsqueeze(0).expand(num_layers, n, dim).contiguous()
-    return {U.NEXUS_DOMAIN_KEY: emb.to(dtype), U.NEXUS_FC1_KEY: fc1.to(dtype), U.NEXUS_FC2_KEY: fc2.to(dtype)}
+    return {U.NEXUS_DOMAIN_KEY: emb, U.NEXUS_FC1_KEY: fc1.to(dtype), U.NEXUS_FC2_KEY: fc2.to(dtype)}
 
 
 def default_merge_weight(num_models: int) -> float:

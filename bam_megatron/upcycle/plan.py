@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import torch
+
 from bam_megatron.checkpoint.dcp_writer import PlannedTensor
 from bam_megatron.errors import UpcycleError
 from bam_megatron.upcycle import mapping as U
@@ -157,8 +159,8 @@ def plan_outputs(arch: Architecture, n: int, opts: UpcycleOptions,
     if opts.router == "nexus":
         projection = opts.nexus_projection_size or arch.hidden_size
         for key, shape in nexus_shapes(arch.num_layers, routed, arch.hidden_size, domains.dim, projection).items():
-            role = "router-buffer" if key == U.NEXUS_DOMAIN_KEY else "router"
-            out[key] = OutputTensor(key, shape, arch.dtype, role=role)
+            buffer = key == U.NEXUS_DOMAIN_KEY  # kept in fp32 (model/nexus_router.py)
+            out[key] = OutputTensor(key, shape, torch.float32 if buffer else arch.dtype, role="router-buffer" if buffer else "router")
     else:
         out[U.FFN_ROUTER_KEY] = OutputTensor(U.FFN_ROUTER_KEY, (arch.num_layers, routed, arch.hidden_size), arch.dtype, role="router")
     return out

@@ -13,10 +13,11 @@ from bam_megatron.checkpoint.weights import load_model_weights, read_global_tens
 from bam_megatron.model.build import build_bam_model
 from bam_megatron.model.config import BAMConfig, BAMConfigError, validate_bam_setup
 from bam_megatron.model.flops import parameter_counts
-from bam_megatron.model.nexus_router import NexusRouter
+from bam_megatron.model.nexus_router import NexusConfig, NexusRouter
 
 N, D, P, F_SHARED = 3, 32, 48, 80
 NEXUS = BAMConfig(attn_experts=1, ffn_router="nexus", nexus_domain_size=D, nexus_projection_size=P)
+NEXUS_SIZES = NexusConfig(domain_size=D, projection_size=P)
 
 
 def _config(**extra):
@@ -138,3 +139,11 @@ def test_nexus_settings_errors_are_one_line():
         validate_bam_setup(shared, BAMConfig(), tensor_model_parallel_size=4)
     with pytest.raises(BAMConfigError, match="--moe-router-type"):
         BAMConfig(ffn_router="learned")
+
+
+def test_domain_embeddings_stay_fp32_in_a_bf16_model(single_process):
+    cfg = tiny_config(**moe_overrides(N, 1, True), params_dtype=torch.bfloat16)
+    router = NexusRouter(cfg, nexus=NEXUS_SIZES)
+    assert router.domain_embeddings.dtype == torch.float32 and router.projection_fc1.weight.dtype == torch.bfloat16
+    x = torch.randn(SEQ, 2, 64, dtype=torch.bfloat16)
+    assert router.gating(x).shape == (SEQ, 2, N)
