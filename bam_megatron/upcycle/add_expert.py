@@ -40,7 +40,7 @@ from bam_megatron.upcycle import extension as X
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle import nexus
 from bam_megatron.upcycle.mix import GIB, _finish_checkpoint, _move_into_place, _Progress
-from bam_megatron.upcycle.plan import CARRIED_ARGS
+from bam_megatron.upcycle.plan import CARRIED_ARGS, UpcycleOptions, output_args
 from bam_megatron.upcycle.seeds import SAME_ARGS, Architecture, Seed, check_seeds, open_seed
 
 EXPERT_FC1 = U.LAYER_PREFIX + U.EXPERTS_PREFIX + "linear_fc1.weight"
@@ -189,10 +189,10 @@ def moe_common_upcycling(moe: Seed) -> Optional[dict]:
     return up if isinstance(up, dict) else None
 
 
-def _output_args(moe: Seed, n: int, attention_experts: bool) -> dict:
-    from bam_megatron.training.arguments import MODEL_ARGS
-
-    keep = set(MODEL_ARGS) | set(CARRIED_ARGS) | {"group_query_attention"}
+def _output_args(moe: Seed, arch: Architecture, n: int, attention_experts: bool) -> dict:
+    """The MoE's recorded model and tokenizer arguments (the names a mix records) with the new
+    expert counts."""
+    keep = set(CARRIED_ARGS) | set(output_args(arch, 2, UpcycleOptions()))
     args = {k: v for k, v in moe.args.items() if k in keep}
     args["num_experts"] = n + 1
     if attention_experts:
@@ -224,7 +224,7 @@ def prepare(moe_path: str, dense_path: str, output: str, opts: AddExpertOptions,
     free = shutil.disk_usage(_existing_ancestor(os.path.dirname(os.path.abspath(output)))).free
     if need > free:
         raise UpcycleError(f"the output needs about {need / GIB:.2f} GiB but only {free / GIB:.2f} GiB are free at {output}")
-    args = _output_args(moe, n, attention_experts)
+    args = _output_args(moe, arch, n, attention_experts)
     return Extension(moe, dense, arch, attn, rules, plan, args, num_models, lam, domain, notes)
 
 

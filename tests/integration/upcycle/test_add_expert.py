@@ -88,6 +88,9 @@ def test_nexus_bam_gets_the_dense_expert_and_its_projected_router_entry(dense_mo
     common = read_common(resolve_checkpoint_dir(str(out)))
     args = common["args"]
     assert args["num_experts"] == 3 and args["bam_attn_experts"] == 4 and args["moe_router_type"] == "nexus"
+    from bam_megatron.training.arguments import MODEL_ARGS
+
+    assert set(MODEL_ARGS) <= set(args) and "save" not in args
     assert common["iteration"] == 0 and common["upcycling"]["added_experts"][0]["merge_weight"] == 0.25
     assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
