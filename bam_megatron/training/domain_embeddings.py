@@ -23,8 +23,8 @@ checkpoint's recorded arguments at TP = PP = EP = 1 and loads from any saved lay
 
 from __future__ import annotations
 
-import math
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -52,11 +52,12 @@ class DomainSample:
 
 def sample_domain(name: str, prefix: str, tokens: int, seq_length: int, seed: int) -> DomainSample:
     """About ``tokens`` tokens of the indexed dataset ``prefix``: whole documents in a random
-    order (``seed``), concatenated, cut into rows of ``seq_length``; all of it when smaller."""
+    order (from ``seed`` and the domain's name, so a domain's sample does not depend on the other
+    domains of the call), concatenated, cut into rows of ``seq_length``; all of it when smaller."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
-    order = np.random.default_rng(seed).permutation(len(ds))
+    order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(ds))
     parts, have = [], 0
     for i in order:
         doc = np.asarray(ds[int(i)], dtype=np.int64)
@@ -166,8 +167,8 @@ def compute_domain_embeddings(
         device = get_device()
         model = build_loaded_model(args, ckpt_dir, device)
         rows, counts = [], {}
-        for i, (name, prefix) in enumerate(domains.items()):
-            sample = sample_domain(name, prefix, tokens, seq, seed + i)
+        for name, prefix in domains.items():
+            sample = sample_domain(name, prefix, tokens, seq, seed)
             rows.append(mean_final_hidden_state(model, sample, micro_batch, device).float())
             counts[name] = sample.tokens
             progress(f"[domain-embeddings] {name}: {sample.tokens:,} tokens of {prefix}, |d| = {rows[-1].norm():.3f}")
@@ -194,6 +195,3 @@ def parse_domains(specs: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def tokens_in_rows(tokens: int, seq_length: int) -> int:
-    """Sequences needed for ``tokens`` tokens (for progress messages)."""
-    return math.ceil(tokens / seq_length)

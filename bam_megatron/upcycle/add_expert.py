@@ -175,14 +175,14 @@ def _domain(moe: Seed, opts: AddExpertOptions, notes: List[str]) -> Optional[nex
             f"{opts.domain_embedding}: the domain embedding has {de.dim} values, the MoE's Nexus router takes {want}; "
             "compute it under the checkpoint the MoE's domain embeddings came from"
         )
-    recorded = ((moe_common_upcycling(moe) or {}).get("domain_embeddings") or {}).get("checkpoint")
+    recorded = ((_moe_upcycling(moe) or {}).get("domain_embeddings") or {}).get("checkpoint")
     if recorded and de.provenance.get("checkpoint") and recorded != de.provenance["checkpoint"]:
         notes.append(f"note: the new domain embedding comes from {de.provenance['checkpoint']}, the MoE's from {recorded}; "
                      "embeddings of different checkpoints live in different spaces")
     return de
 
 
-def moe_common_upcycling(moe: Seed) -> Optional[dict]:
+def _moe_upcycling(moe: Seed) -> Optional[dict]:
     from bam_megatron.checkpoint.common import read_common
 
     up = read_common(moe.ckpt_dir).get("upcycling")
@@ -291,7 +291,7 @@ def _stream(ext: Extension, readers, writer: PartWriter, blocks_of: Dict[str, li
 
 
 def _common_state(ext: Extension, moe_path: str, dense_path: str) -> dict:
-    upcycling = dict(moe_common_upcycling(ext.moe) or {})
+    upcycling = dict(_moe_upcycling(ext.moe) or {})
     added = list(upcycling.get("added_experts") or [])
     added.append({
         "moe": os.path.abspath(moe_path), "moe_iteration": ext.moe.iteration,

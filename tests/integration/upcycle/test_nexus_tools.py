@@ -99,7 +99,7 @@ def test_domain_embeddings_are_the_mean_final_hidden_state(dense_models, dataset
     assert de.provenance["checkpoint"] == os.path.abspath(resolve_checkpoint_dir(dense_models["seed"]))
     assert "final hidden states" in de.provenance["representation"]
     for i, name in enumerate(de.names):
-        sample = sample_domain(name, datasets[name], 100, 16, 7 + i)
+        sample = sample_domain(name, datasets[name], 100, 16, 7)
         assert sample.rows.shape == (6, 16) and sample.tail.size == 4  # 100 = 6 x 16 + 4
         ref = _reference_mean(dense_models["seed"], sample)
         torch.testing.assert_close(de.embeddings[i].double(), ref, atol=1e-5, rtol=1e-5)
