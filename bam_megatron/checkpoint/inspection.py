@@ -33,8 +33,9 @@ def describe_layout(shapes: Dict[str, Sequence[int]]) -> dict:
     """The expert layout of a model from its checkpoint's tensor shapes.
 
     Returns ``{"num_layers", "block", "attention": {"experts", "kv", "router"},
-    "ffn": {"experts", "router"}, "layers": [per-layer dicts]}``; ``kv`` is ``"per expert"``,
-    ``"shared"`` or ``"dense"`` (ordinary attention).
+    "ffn": {"experts", "router", "router_type", "shared_expert"}, "layers": [per-layer dicts]}``;
+    ``kv`` is ``"per expert"``, ``"shared"`` or ``"dense"`` (ordinary attention); ``router_type``
+    ``"linear"`` or ``"nexus"`` (whose per-layer entry is the domain embeddings' shape).
     """
     lp = U.LAYER_PREFIX
     ln = shapes.get(lp + "input_layernorm.weight") or shapes.get(lp + "self_attention.linear_qkv.layer_norm_weight")
@@ -50,6 +51,9 @@ def describe_layout(shapes: Dict[str, Sequence[int]]) -> dict:
     sequential = lp + "pre_mlp_layernorm.weight" in shapes or lp + "mlp.linear_fc1.layer_norm_weight" in shapes
     attn_router = shapes.get(U.ATTN_ROUTER_KEY)
     ffn_router = shapes.get(U.FFN_ROUTER_KEY)
+    router_type = "linear"
+    if shapes.get(U.NEXUS_DOMAIN_KEY) is not None:
+        ffn_router, router_type = shapes[U.NEXUS_DOMAIN_KEY], "nexus"
     layers = [
         {
             "layer": i + 1,
@@ -65,7 +69,8 @@ def describe_layout(shapes: Dict[str, Sequence[int]]) -> dict:
         "num_layers": num_layers,
         "block": "sequential" if sequential else "parallel",
         "attention": {"experts": attn_experts, "kv": kv, "router": attn_router is not None},
-        "ffn": {"experts": ffn_experts, "router": ffn_router is not None},
+        "ffn": {"experts": ffn_experts, "router": ffn_router is not None, "router_type": router_type,
+                "shared_expert": U.SHARED_FC1_KEY in shapes},
         "layers": layers,
     }
 
@@ -131,10 +136,12 @@ def format_inspection(info: dict, show_args: bool = True) -> str:
     lines += ["", "expert layout:"]
     attn = lay["attention"]
     kv_text = {"per expert": "K,V per expert", "shared": "K,V shared", "dense": "ordinary attention"}[attn["kv"]]
+    ffn = lay["ffn"]
+    ffn_router = "FFN (Nexus)" if ffn.get("router_type") == "nexus" else "FFN"
     lines.append(
         f"  {lay['num_layers']} layers, {lay['block']} blocks; attention experts {attn['experts']} ({kv_text}); "
-        f"FFN experts {lay['ffn']['experts'] or 'none (dense FFN)'}; routers: "
-        + (", ".join(x for x, on in (("attention", attn["router"]), ("FFN", lay["ffn"]["router"])) if on) or "none")
+        f"FFN experts {ffn['experts'] or 'none (dense FFN)'}{' + 1 shared' if ffn.get('shared_expert') else ''}; routers: "
+        + (", ".join(x for x, on in (("attention", attn["router"]), (ffn_router, ffn["router"])) if on) or "none")
     )
     rows = [("layer", "attention experts", "KV", "attention router", "FFN experts", "FFN router")]
     for r in lay["layers"]:

@@ -8,6 +8,10 @@ of Q, K, V, O with ``full``; Q and O with ``shared-kv``) and FFN are copied from
 embeddings, norms and the output layer (and K/V with ``shared-kv``, the attention with
 ``merged``, i.e. BTX) are averaged, uniformly or with ``--weights``; routers start fresh.
 
+Nexus (``--router nexus --domain-embeddings FILE``): seed 0's FFN becomes an always-on shared
+expert, seeds 1..N-1 the routed FFN experts, and the FFN router computes its logits from the
+routed experts' domain embeddings (``tools/domain_embeddings.py``) through a learned projection.
+
 Inputs: checkpoints of ``pretrain_bam.py`` or Megatron-LM GPT torch_dist checkpoints (local or
 Transformer-Engine layer names), each a checkpoint root or one ``iter_*`` directory. The output
 is one torch_dist checkpoint in Megatron-LM's layout (``<output>/iter_0000000`` + tracker) that
@@ -55,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-router-topk", type=int, default=1, help="FFN experts per token recorded for training (default 1, BAM).")
     p.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction, default=True,
                    help="Softmax over all experts before top-k (BAM, default); --no-moe-router-pre-softmax: softmax over the chosen k (BTX).")
+    g = p.add_argument_group("FFN router (Nexus: Gritsch et al. 2024)")
+    g.add_argument("--router", choices=["linear", "nexus"], default="linear",
+                   help="linear: megatron-core's router (default); nexus: expert embeddings projected from domain embeddings.")
+    g.add_argument("--shared-expert", action=argparse.BooleanOptionalAction, default=None,
+                   help="Seed 0's FFN as an always-on shared expert, seeds 1..N-1 the routed FFN experts (default: on with --router nexus, off otherwise).")
+    g.add_argument("--domain-embeddings", default=None, metavar="FILE", help="Nexus: the domain embeddings of the routed experts (tools/domain_embeddings.py).")
+    g.add_argument("--domains", default=None, metavar="NAME,NAME,...",
+                   help="Nexus: which domains of --domain-embeddings, in expert order, comma-separated (default: all, in the file's order).")
+    g.add_argument("--nexus-projection-size", type=int, default=None, help="Nexus: hidden size of the SwiGLU projection (default: the hidden size).")
     p.add_argument("--attn-routing", choices=["soft", "topk"], default="soft", help="Attention routing recorded for training (default soft).")
     p.add_argument("--attn-topk", type=int, default=1, help="k for --attn-routing topk.")
     g = p.add_argument_group("training settings recorded for the MoE (default: the seeds'; --use-checkpoint-args restores them unless the training command line gives them)")
@@ -98,6 +111,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
         expert_names=args.expert_names,
+        router=args.router,
+        shared_expert=args.shared_expert,
+        domain_embeddings=args.domain_embeddings,
+        domains=[d for d in args.domains.split(",") if d] if args.domains else None,
+        nexus_projection_size=args.nexus_projection_size,
     )
     release_freed_buffers()
     progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))

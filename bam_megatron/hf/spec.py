@@ -111,6 +111,10 @@ class ModelSpec:
             "moe_ffn_hidden_size": self.moe_ffn_hidden_size,
             "moe_router_topk": self.moe_router_topk,
             "moe_router_pre_softmax": self.moe_router_pre_softmax,
+            "moe_router_type": "linear",
+            "nexus_domain_size": None,
+            "nexus_projection_size": None,
+            "moe_shared_expert_intermediate_size": None,
             "bam_attn_experts": self.attn_experts,
             "bam_attn_routing": self.attn_routing,
             "bam_attn_topk": self.attn_topk,
@@ -138,6 +142,7 @@ def spec_from_checkpoint(args: dict, shapes: Dict[str, Sequence[int]], what: str
     emb = shapes.get("embedding.word_embeddings.weight")
     if ln is None or emb is None:
         raise HFError(f"{what} has no {LP}input_layernorm.weight or embedding; it is not a GPT model checkpoint")
+    _check_no_nexus(shapes, what)
     num_layers, hidden = int(ln[0]), int(ln[1])
     heads = int(_arg(args, "num_attention_heads", None, what))
     proj = shapes.get(LP + "self_attention.linear_proj.weight")
@@ -188,6 +193,16 @@ def spec_from_checkpoint(args: dict, shapes: Dict[str, Sequence[int]], what: str
         moe_router_pre_softmax=bool(args.get("moe_router_pre_softmax", False)) if n_ffn else True,
     )
     return spec
+
+
+def _check_no_nexus(shapes: Dict[str, Sequence[int]], what: str) -> None:
+    """The transformers classes hold linear FFN routers and no shared FFN expert."""
+    extra = [k for k in shapes if k.startswith((LP + "mlp.router.projection", LP + "mlp.router.domain", LP + "mlp.shared_experts."))]
+    if extra:
+        raise HFError(
+            f"{what} has a Nexus router or a shared FFN expert ({extra[0]}), which no transformers class of this "
+            "project holds yet; export a model mixed with the linear router (tools/upcycle_bam.py --router linear)"
+        )
 
 
 def _query_groups(shapes: Dict[str, Sequence[int]], heads: int, head_dim: int, what: str) -> int:

@@ -18,6 +18,7 @@ from typing import Optional
 from bam_megatron.errors import BAMConfigError
 
 ATTN_ROUTING_CHOICES = ("soft", "topk")
+FFN_ROUTER_CHOICES = ("linear", "nexus")
 # Selective-recompute modules the BAM layers honour (see layer.py / moa.py).
 SUPPORTED_RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act")
 
@@ -41,6 +42,11 @@ class BAMConfig:
         parallel_block: ``y = x + Attn(Norm(x)) + FFN(Norm(x))`` (one norm per block, as in the
             paper). ``False`` gives the sequential block (attention, then FFN, each with its own
             norm) so that sequential seeds can be upcycled too.
+        ffn_router: the FFN experts' router: ``"linear"`` (megatron-core's ``TopKRouter``) or
+            ``"nexus"`` (``nexus_router.NexusRouter``: logits from projected domain embeddings).
+        nexus_domain_size: D, the size of the Nexus domain embeddings (default: hidden size).
+        nexus_projection_size: P, the hidden size of the Nexus SwiGLU projection (default:
+            hidden size).
     """
 
     attn_experts: int = 1
@@ -49,6 +55,9 @@ class BAMConfig:
     attn_topk_renormalize: bool = True
     kv_sharing: bool = False
     parallel_block: bool = True
+    ffn_router: str = "linear"
+    nexus_domain_size: Optional[int] = None
+    nexus_projection_size: Optional[int] = None
 
     def __post_init__(self):
         if self.attn_experts < 1:
@@ -66,6 +75,14 @@ class BAMConfig:
                 f"--bam-attn-topk {self.attn_topk} must be between 1 and --bam-attn-experts "
                 f"{self.attn_experts}; lower the top-k or add attention experts"
             )
+        if self.ffn_router not in FFN_ROUTER_CHOICES:
+            raise BAMConfigError(
+                f"--moe-router-type must be one of {FFN_ROUTER_CHOICES}, got {self.ffn_router!r}"
+            )
+        for flag, size in (("--nexus-domain-size", self.nexus_domain_size),
+                           ("--nexus-projection-size", self.nexus_projection_size)):
+            if size is not None and size < 1:
+                raise BAMConfigError(f"{flag} must be >= 1, got {size}")
         if self.kv_sharing and self.attn_experts == 1:
             raise BAMConfigError(
                 "--bam-kv-sharing needs --bam-attn-experts > 1 (with one expert there is "
@@ -76,6 +93,10 @@ class BAMConfig:
     def is_moa(self) -> bool:
         """True when the attention is a Mixture of Attention (N > 1)."""
         return self.attn_experts > 1
+
+    def nexus_sizes(self, hidden_size: int):
+        """``(D, P)`` of the Nexus projection, the defaults filled with ``hidden_size``."""
+        return self.nexus_domain_size or hidden_size, self.nexus_projection_size or hidden_size
 
 
 def validate_bam_setup(
@@ -101,6 +122,11 @@ def validate_bam_setup(
     _validate_shape(config, tp, pp)
     if config.num_moe_experts is not None:
         _validate_ffn_experts(config, tp, ep, inference)
+    elif bam.ffn_router != "linear" or config.moe_shared_expert_intermediate_size is not None:
+        raise BAMConfigError(
+            "--moe-router-type nexus and --moe-shared-expert-intermediate-size need FFN experts; "
+            "set --num-experts"
+        )
     elif ep > 1 and not bam.is_moa:
         raise BAMConfigError(
             f"--expert-model-parallel-size {ep} needs experts to distribute; set --num-experts "
@@ -170,6 +196,18 @@ def _validate_ffn_experts(config, tp: int, ep: int, inference: bool = False) -> 
             "FFN experts with --tensor-model-parallel-size > 1 need --sequence-parallel "
             "(megatron-core requirement); add --sequence-parallel"
         )
+    shared = config.moe_shared_expert_intermediate_size
+    if shared is not None:
+        if config.add_bias_linear:
+            raise BAMConfigError(
+                "a shared FFN expert has no biases (megatron-core); add --disable-bias-linear or drop "
+                "--moe-shared-expert-intermediate-size"
+            )
+        if shared % tp:
+            raise BAMConfigError(
+                f"--moe-shared-expert-intermediate-size {shared} is not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
 
 
 def _validate_attention_experts(config, bam: BAMConfig, tp: int, ep: int) -> None:

@@ -10,7 +10,10 @@ under soft routing; ``k_a`` under top-k), ``N_f`` FFN experts of which ``k`` are
     attention scores       2·2·s·dh·N_a·H · 1/2          (QK^T and PV, causal: half the matrix)
     attention router       2·d·N_a                       (when N_a > 1)
     FFN (SwiGLU)           k·3·2·d·F   (gated: 2·d·2F + 2·F·d; non-gated: 2·2·d·F)
-    FFN router             2·d·N_f                       (when there are FFN experts)
+    shared FFN expert      3·2·d·F_s                     (always on, when there is one)
+    FFN router             2·d·N_f                       (when there are FFN experts; the Nexus
+                                                         router's projection of N_f domain
+                                                         embeddings is per step, not per token)
     output layer           2·d·V                         (once, not per layer)
 
 Top-k attention routing still computes every expert (the fused kernel masks the weights), so
@@ -49,6 +52,8 @@ class ModelShape:
     qkv_bias: bool = False  # biases on the query/key/value projection only (--add-qkv-bias)
     qk_layernorm: bool = False  # a norm over the head dim on queries and keys (--qk-layernorm)
     layernorm: bool = False  # LayerNorm (a bias per norm) instead of RMSNorm
+    shared_ffn_size: int = 0  # an always-on shared FFN expert's hidden size (0: none)
+    nexus_sizes: Optional[Tuple[int, int]] = None  # (D, P) of the Nexus router; None: linear router
 
     @classmethod
     def from_args(cls, args) -> "ModelShape":
@@ -63,6 +68,9 @@ class ModelShape:
             untied_output=args.untie_embeddings_and_output_weights, sequential_block=args.bam_sequential_block,
             bias=args.add_bias_linear, qkv_bias=getattr(args, "add_qkv_bias", False),
             qk_layernorm=getattr(args, "qk_layernorm", False), layernorm=args.normalization == "LayerNorm",
+            shared_ffn_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
+            nexus_sizes=(args.nexus_domain_size, args.nexus_projection_size)
+            if getattr(args, "moe_router_type", "linear") == "nexus" else None,
         )
 
 
@@ -81,6 +89,7 @@ def flops_per_token(*, seq_length: int, training: bool = True, shape: Optional[M
     ffn = per_expert * (m.ffn_topk if m.ffn_experts else 1)
     if m.ffn_experts:
         ffn += 2 * d * m.ffn_experts
+    ffn += (3 if m.gated_linear_unit else 2) * 2 * d * m.shared_ffn_size
     total = m.num_layers * (attn + ffn) + 2 * d * m.vocab_size
     return total * (3 if training else 1)
 
@@ -91,7 +100,9 @@ def parameter_counts(m: ModelShape) -> Tuple[int, int]:
 
     Active counts every attention expert under soft routing (``attn_topk=None``), ``attn_topk``
     of them under top-k routing, and ``ffn_topk`` FFN experts; embeddings count once (twice when
-    the output layer is untied)."""
+    the output layer is untied). ``shared_ffn_size``: an always-on shared FFN expert;
+    ``nexus_sizes = (D, P)``: the Nexus router's projection (``2P·D + d·P``) in place of the linear
+    router's ``N_f·d`` (its domain embeddings are buffers, not parameters)."""
     d, h, g, dh, f = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.head_dim, m.ffn_hidden_size
     n_a = m.attn_experts
     shared_kv = m.kv_sharing and n_a > 1
@@ -106,8 +117,13 @@ def parameter_counts(m: ModelShape) -> Tuple[int, int]:
     if m.qk_layernorm:
         per_attn_expert += 2 * dh * norm
     n_f = max(m.ffn_experts, 1)
+    router_f = m.ffn_experts * d
+    if m.ffn_experts and m.nexus_sizes is not None:
+        dom, proj = m.nexus_sizes
+        router_f = 2 * proj * dom + d * proj
+    shared_ffn = (3 if m.gated_linear_unit else 2) * d * m.shared_ffn_size
     layer_total = (n_a * per_attn_expert + (2 * g * dh * d if shared_kv else 0) + (n_a * d if n_a > 1 else 0)
-                   + n_f * per_ffn_expert + m.ffn_experts * d + d * norm * (2 if m.sequential_block else 1))
+                   + n_f * per_ffn_expert + shared_ffn + router_f + d * norm * (2 if m.sequential_block else 1))
     active_a = n_a if m.attn_topk is None else m.attn_topk
     active_f = m.ffn_topk if m.ffn_experts else 1
     layer_active = layer_total - (n_a - active_a) * per_attn_expert - (n_f - active_f) * per_ffn_expert

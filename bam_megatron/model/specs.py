@@ -5,8 +5,10 @@
 default, sequential on request) whose attention is megatron-core's ``SelfAttention`` with torch
 SDPA (one attention expert) or the fused Mixture of Attention (N > 1), and whose FFN is
 megatron-core's dense ``MLP`` or its ``MoELayer`` (experts: ``SequentialMLP`` with a grouped-GEMM
-forward on GPU, see ``experts.py``). The final norm is the sequence-parallel
-capable torch norm.
+forward on GPU, see ``experts.py``; router: megatron-core's linear ``TopKRouter`` or the Nexus
+router of ``nexus_router.py``, set as the spec's router builder — the layer stays megatron-core's
+own ``MoELayer``; a shared expert when ``moe_shared_expert_intermediate_size`` is set). The final
+norm is the sequence-parallel capable torch norm.
 
 Linear layers come from Transformer Engine when ``transformer_engine`` imports (and ``use_te`` is
 not False), otherwise from megatron-core's local (pure PyTorch) modules.
@@ -35,6 +37,7 @@ from bam_megatron.model.config import BAMConfig
 from bam_megatron.model.experts import GroupedGemmExperts
 from bam_megatron.model.layer import BAMParallelTransformerLayer
 from bam_megatron.model.moa import MixtureOfAttention
+from bam_megatron.model.nexus_router import NexusConfig, nexus_router_builder
 from bam_megatron.model.norm import Norm
 from bam_megatron.model.sdpa import SDPAttention
 from bam_megatron.patches.megatron_moe import apply_megatron_compat
@@ -82,8 +85,9 @@ def attention_spec(bam: BAMConfig, backend, qk_layernorm: bool = False) -> Modul
     )
 
 
-def ffn_spec(num_moe_experts: Optional[int], backend, moe_grouped_gemm: bool = False) -> ModuleSpec:
-    """Dense MLP, or megatron-core's MoELayer with ``num_moe_experts`` experts."""
+def ffn_spec(num_moe_experts: Optional[int], backend, moe_grouped_gemm: bool = False, router=None) -> ModuleSpec:
+    """Dense MLP, or megatron-core's MoELayer with ``num_moe_experts`` experts (``router``: a
+    router builder in place of megatron-core's ``TopKRouter``)."""
     if num_moe_experts is None:
         return ModuleSpec(
             module=MLP,
@@ -98,7 +102,16 @@ def ffn_spec(num_moe_experts: Optional[int], backend, moe_grouped_gemm: bool = F
     if spec.submodules.experts.module is SequentialMLP:
         # Same module and checkpoint, plus a grouped-GEMM forward on GPU.
         spec.submodules.experts.module = GroupedGemmExperts
+    if router is not None:
+        spec.submodules.router = router
     return spec
+
+
+def ffn_router_builder(config, bam: BAMConfig):
+    """The FFN router builder for ``bam.ffn_router`` (None: megatron-core's ``TopKRouter``)."""
+    if bam.ffn_router != "nexus" or config.num_moe_experts is None:
+        return None
+    return nexus_router_builder(NexusConfig(*bam.nexus_sizes(config.hidden_size)))
 
 
 def get_bam_layer_spec(
@@ -113,7 +126,7 @@ def get_bam_layer_spec(
         self_attention=attention_spec(bam, backend, bool(getattr(config, "qk_layernorm", False))),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=IdentityOp if bam.parallel_block else Norm,
-        mlp=ffn_spec(config.num_moe_experts, backend, moe_grouped_gemm),
+        mlp=ffn_spec(config.num_moe_experts, backend, moe_grouped_gemm, ffn_router_builder(config, bam)),
         mlp_bda=get_bias_dropout_add,
     )
     layer = BAMParallelTransformerLayer if bam.parallel_block else TransformerLayer

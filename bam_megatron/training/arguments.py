@@ -46,6 +46,10 @@ MODEL_ARGS = (
     "moe_ffn_hidden_size",
     "moe_router_topk",
     "moe_router_pre_softmax",
+    "moe_router_type",
+    "nexus_domain_size",
+    "nexus_projection_size",
+    "moe_shared_expert_intermediate_size",
     "bam_attn_experts",
     "bam_attn_routing",
     "bam_attn_topk",
@@ -108,6 +112,10 @@ def _add_moe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="Expert FFN size (default --ffn-hidden-size).")
     g.add_argument("--moe-router-topk", type=int, default=2, help="Experts per token.")
     g.add_argument("--moe-router-pre-softmax", action="store_true", help="Softmax over all experts before top-k (BAM style); otherwise softmax over the k chosen (BTX style).")
+    g.add_argument("--moe-router-type", choices=["linear", "nexus"], default="linear", help="FFN router: linear (megatron-core's) or nexus (logits from domain embeddings through a learned SwiGLU projection; Gritsch et al. 2024).")
+    g.add_argument("--nexus-domain-size", type=int, default=None, help="Nexus: size of the domain embeddings (default --hidden-size).")
+    g.add_argument("--nexus-projection-size", type=int, default=None, help="Nexus: hidden size of the SwiGLU projection from domain to expert embeddings (default --hidden-size).")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None, help="An always-on shared FFN expert of this hidden size beside the routed ones (Nexus: the seed's FFN).")
     g.add_argument("--moe-router-load-balancing-type", choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], default="aux_loss", help="Load-balancing method.")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="Load-balancing loss coefficient.")
     g.add_argument("--moe-z-loss-coeff", type=float, default=None, help="Router z-loss coefficient.")
@@ -275,6 +283,12 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
                f"--moe-router-topk {args.moe_router_topk} is larger than --num-experts {args.num_experts}")
         if args.moe_router_topk == 1:
             _check(parser, args.moe_router_pre_softmax, "--moe-router-topk 1 needs --moe-router-pre-softmax")
+    else:
+        _check(parser, args.moe_router_type == "linear" and args.moe_shared_expert_intermediate_size is None,
+               "--moe-router-type nexus and --moe-shared-expert-intermediate-size need --num-experts")
+    if args.moe_router_type == "nexus":
+        args.nexus_domain_size = args.nexus_domain_size or args.hidden_size
+        args.nexus_projection_size = args.nexus_projection_size or args.hidden_size
     _check(parser, not (args.finetune and args.load is None), "--finetune needs --load")
     _check(parser, not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
            "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")

@@ -80,6 +80,7 @@ def _moe_kwargs(args) -> dict:
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
     )
 
 
@@ -94,6 +95,9 @@ def bam_config_from_args(args):
         attn_topk_renormalize=args.bam_attn_topk_renormalize,
         kv_sharing=args.bam_kv_sharing,
         parallel_block=not args.bam_sequential_block,
+        ffn_router=args.moe_router_type,
+        nexus_domain_size=args.nexus_domain_size,
+        nexus_projection_size=args.nexus_projection_size,
     )
 
 

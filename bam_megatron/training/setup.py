@@ -145,6 +145,10 @@ def banner(run) -> str:
     args = run.args
     total, active = parameter_totals(args)
     experts = f"{args.bam_attn_experts} attention expert(s), {args.num_experts or 0} FFN expert(s)"
+    if args.moe_shared_expert_intermediate_size:
+        experts += " + 1 shared"
+    if args.num_experts and args.moe_router_type == "nexus":
+        experts += " (Nexus router)"
     return (
         f"[run] model: {total:,} parameters ({active:,} active per token); {args.num_layers} layers, "
         f"hidden {args.hidden_size}, {experts}, {'sequential' if args.bam_sequential_block else 'parallel'} blocks\n"

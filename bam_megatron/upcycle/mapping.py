@@ -16,6 +16,11 @@ depend on the parallel layout. Homogeneous decoder layers are stored stacked: a 
 | anything else (embeddings, norms, output layer) | same key                                    | (weighted) average |
 | —                                              | ``...self_attention.router.weight [L, N, d]``, ``...mlp.router.weight [L, N, d]`` | new: random or zero |
 
+With a shared FFN expert (``shared_expert=True``, Nexus' layout) seed 0's FFN becomes the
+always-on ``decoder.layers.mlp.shared_experts.linear_fc1/2.weight [L, F', d] / [L, d, F]`` (as it
+is) and seeds 1..N-1 the N-1 routed experts (rule ``shared_stack``); the Nexus router's tensors
+are made by ``upcycle/nexus.py``.
+
 The dense ``linear_qkv`` rows are interleaved per query group ``[q (r heads) | k | v]``; the
 ``shared-kv`` split keeps that order (``linear_q`` rows: per group its r query heads;
 ``linear_kv`` rows: per group ``[k | v]``), which is what ``MixtureOfAttention`` expects.
@@ -45,6 +50,12 @@ MLP_FC = ("mlp.linear_fc1.", "mlp.linear_fc2.")
 EXPERTS_PREFIX = "mlp.experts.experts."
 ATTN_ROUTER_KEY = LAYER_PREFIX + "self_attention.router.weight"
 FFN_ROUTER_KEY = LAYER_PREFIX + "mlp.router.weight"
+SHARED_PREFIX = "mlp.shared_experts."
+SHARED_FC1_KEY = LAYER_PREFIX + SHARED_PREFIX + "linear_fc1.weight"
+# The Nexus router (model/nexus_router.py): fixed domain embeddings and a learned projection.
+NEXUS_DOMAIN_KEY = LAYER_PREFIX + "mlp.router.domain_embeddings"  # [L, N, D]
+NEXUS_FC1_KEY = LAYER_PREFIX + "mlp.router.projection_fc1.weight"  # [L, 2P, D]
+NEXUS_FC2_KEY = LAYER_PREFIX + "mlp.router.projection_fc2.weight"  # [L, d, P]
 
 # Transformer Engine fuses the norms into the following linear layer; its checkpoints name them
 # after that layer. Keys below are relative to ``decoder.layers.``.
@@ -84,7 +95,7 @@ DENSE_GLOBAL_NAMES = (
     "output_layer.weight",  # [V, d] (untied embeddings)
 )
 
-STACK, AVERAGE, SPLIT_QKV = "stack", "average", "split_qkv"
+STACK, AVERAGE, SPLIT_QKV, SHARED_STACK = "stack", "average", "split_qkv", "shared_stack"
 
 
 @dataclass(frozen=True)
@@ -168,14 +179,17 @@ class Rule:
         ``split_qkv``: the query rows of seed ``i`` become expert ``i`` of ``outputs[0]``
         (``linear_q``), the mean of the seeds' key/value rows becomes ``outputs[1]``
         (``linear_kv``).
+        ``shared_stack``: seed 0's tensor becomes ``outputs[0]`` (the shared expert) as it is,
+        seed ``i >= 1``'s tensor expert ``i - 1`` of ``outputs[1]``.
     """
 
     kind: str
     outputs: Tuple[str, ...]
 
 
-def tensor_rule(key: str, mode: str) -> Rule:
-    """The rule for the (canonical) seed ``key`` in ``mode`` (see the module table)."""
+def tensor_rule(key: str, mode: str, shared_expert: bool = False) -> Rule:
+    """The rule for the (canonical) seed ``key`` in ``mode`` (see the module table);
+    ``shared_expert``: seed 0's FFN is the shared expert."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     layered = key.startswith(LAYER_PREFIX)
@@ -193,19 +207,24 @@ def tensor_rule(key: str, mode: str) -> Rule:
     if layered:
         for fc in MLP_FC:
             if name.startswith(fc):
-                return Rule(STACK, (LAYER_PREFIX + EXPERTS_PREFIX + name[len("mlp.") :],))
+                experts = LAYER_PREFIX + EXPERTS_PREFIX + name[len("mlp.") :]
+                if shared_expert:
+                    return Rule(SHARED_STACK, (LAYER_PREFIX + SHARED_PREFIX + name[len("mlp.") :], experts))
+                return Rule(STACK, (experts,))
     return Rule(AVERAGE, (key,))
 
 
 def upcycled_shapes(
-    key: str, shape: Sequence[int], num_experts: int, mode: str, attn: AttentionShape
+    key: str, shape: Sequence[int], num_experts: int, mode: str, attn: AttentionShape, shared_expert: bool = False
 ) -> Dict[str, Tuple[int, ...]]:
-    """Global shapes of the BAM tensors made from the seed tensor ``key`` of global ``shape``.
+    """Global shapes of the BAM tensors made from the seed tensor ``key`` of global ``shape``
+    (``num_experts``: the number of seeds).
 
     A stacked ``[L, ...]`` tensor becomes ``[L, N, ...]`` (``[N, ...]`` outside the layer stack);
-    ``split_qkv`` gives ``linear_q [L, N, G·r·dh, d]`` and ``linear_kv [L, G·2·dh, d]``.
+    ``split_qkv`` gives ``linear_q [L, N, G·r·dh, d]`` and ``linear_kv [L, G·2·dh, d]``;
+    ``shared_stack`` gives the shared expert ``[L, ...]`` and ``[L, N-1, ...]``.
     """
-    rule = tensor_rule(key, mode)
+    rule = tensor_rule(key, mode, shared_expert)
     shape = tuple(int(x) for x in shape)
     layered = key.startswith(LAYER_PREFIX)
 
@@ -214,6 +233,8 @@ def upcycled_shapes(
 
     if rule.kind == STACK:
         return {rule.outputs[0]: stacked(shape)}
+    if rule.kind == SHARED_STACK:
+        return {rule.outputs[0]: shape, rule.outputs[1]: (shape[0], num_experts - 1) + shape[1:]}
     if rule.kind == SPLIT_QKV:
         g, r, dh = attn.num_query_groups, attn.heads_per_group, attn.head_dim
         lead, rows, rest = shape[:-2], shape[-2], shape[-1:]
@@ -233,16 +254,20 @@ def upcycle_tensor(
     mode: str,
     shape: AttentionShape,
     weights: Optional[Sequence[float]] = None,
+    shared_expert: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Map one seed key (its tensor in every seed, in expert order) to the BAM tensors.
 
     Returns:
-        ``{bam_key: tensor}`` — one entry, or two for ``shared-kv`` attention.
+        ``{bam_key: tensor}`` — one entry, or two for ``shared-kv`` attention and for the FFN
+        with a shared expert.
     """
-    rule = tensor_rule(key, mode)
+    rule = tensor_rule(key, mode, shared_expert)
     layered = key.startswith(LAYER_PREFIX)
     if rule.kind == STACK:
         return {rule.outputs[0]: stack_experts(seeds, layered)}
+    if rule.kind == SHARED_STACK:
+        return {rule.outputs[0]: seeds[0].clone(), rule.outputs[1]: stack_experts(seeds[1:], layered)}
     if rule.kind == SPLIT_QKV:
         qs, kvs = zip(*(split_qkv(t, shape) for t in seeds))
         return {rule.outputs[0]: stack_experts(qs, layered), rule.outputs[1]: average(kvs, weights)}
@@ -277,12 +302,14 @@ def upcycle_state(
     router_init: str = "random",
     router_std: float = 0.02,
     seed: int = 0,
+    shared_expert: bool = False,
 ) -> Dict[str, torch.Tensor]:
-    """Whole-state mapping of in-memory seeds (small models, tests). Streaming tools call
-    ``upcycle_tensor`` key by key instead.
+    """Whole-state mapping of in-memory seeds (small models, tests) with linear routers.
+    Streaming tools call ``upcycle_tensor`` key by key instead.
 
     Args:
         seeds: N dicts of global tensors (``load_plain_tensors`` output), expert order.
+        shared_expert: seed 0's FFN is the shared expert (N-1 routed FFN experts).
     """
     keys = list(seeds[0])
     for i, s in enumerate(seeds[1:], start=1):
@@ -291,12 +318,14 @@ def upcycle_state(
             raise ValueError(f"seed {i} has different tensors than seed 0 (first: {missing[0]})")
     out: Dict[str, torch.Tensor] = {}
     for key in keys:
-        out.update(upcycle_tensor(key, [s[key] for s in seeds], mode=mode, shape=shape, weights=weights))
+        out.update(upcycle_tensor(key, [s[key] for s in seeds], mode=mode, shape=shape, weights=weights,
+                                  shared_expert=shared_expert))
     ln = seeds[0][LAYER_PREFIX + "input_layernorm.weight"]
     num_layers, hidden = ln.shape
     gen = torch.Generator().manual_seed(seed)
     n = len(seeds)
     if mode != "merged":
         out[ATTN_ROUTER_KEY] = new_router(num_layers, n, hidden, init=router_init, std=router_std, generator=gen, dtype=ln.dtype)
-    out[FFN_ROUTER_KEY] = new_router(num_layers, n, hidden, init=router_init, std=router_std, generator=gen, dtype=ln.dtype)
+    routed = n - 1 if shared_expert else n
+    out[FFN_ROUTER_KEY] = new_router(num_layers, routed, hidden, init=router_init, std=router_std, generator=gen, dtype=ln.dtype)
     return out

@@ -73,6 +73,7 @@ from bam_megatron.checkpoint.tool_output import (
 )
 from bam_megatron.errors import UpcycleError
 from bam_megatron.upcycle import mapping as U
+from bam_megatron.upcycle import nexus
 from bam_megatron.upcycle.plan import (
     OutputTensor,
     ParamCounts,
@@ -149,6 +150,7 @@ class UpcycleResult:
     num_parts: int = 0
     seconds: float = 0.0
     write_seconds: float = 0.0
+    domains: Optional[nexus.DomainEmbeddings] = None  # the Nexus router's, in expert order
 
 
 def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False):
@@ -160,10 +162,18 @@ def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force:
     problem = attention_expert_problem(arch) if opts.mode != "merged" else None
     if problem:
         raise UpcycleError(problem)
-    plan = plan_outputs(arch, len(seeds), opts)
-    args = output_args(arch, len(seeds), opts)
+    domains = _nexus_domains(opts, len(seeds))
+    plan = plan_outputs(arch, len(seeds), opts, domains)
+    args = output_args(arch, len(seeds), opts, domains)
     check_free_space(output, sum(t.nbytes for t in plan.values()), UpcycleError)
     return seeds, arch, plan, args, weights
+
+
+def _nexus_domains(opts: UpcycleOptions, n: int):
+    """The routed experts' domain embeddings (checked) with ``--router nexus``, else None."""
+    if opts.router != "nexus":
+        return None
+    return nexus.load_upcycle_domains(opts.domain_embeddings, opts.domains, opts.routed_experts(n))
 
 
 class _Progress:
@@ -187,12 +197,12 @@ class _Progress:
         )
 
 
-def _mix_global_tensors(arch, seeds, readers, weights, writer, mode, progress) -> None:
+def _mix_global_tensors(arch, seeds, readers, weights, writer, mode, progress, shared_expert=False) -> None:
     """Embeddings, final norm, output layer: averaged, one seed at a time. Done first, while the
     write buffers are empty: the largest (the embeddings) needs its fp32 mean and one seed's copy
     at the same time."""
     for key in arch.global_keys:
-        if U.tensor_rule(key, mode).kind != U.AVERAGE:
+        if U.tensor_rule(key, mode, shared_expert).kind != U.AVERAGE:
             raise RuntimeError(f"internal error: {key} outside the layer stack is not averaged")
         mean = _Mean()
         for e, (seed, reader) in enumerate(zip(seeds, readers)):
@@ -206,15 +216,20 @@ def _mix_global_tensors(arch, seeds, readers, weights, writer, mode, progress) -
         progress(key)
 
 
-def _stack_chunks(reader, source: str, lo: int, hi: int, expert: int, out_key: str, writer) -> None:
+def _stack_chunks(reader, source: str, lo: int, hi: int, expert: Optional[int], out_key: str, writer) -> None:
     """Each stored chunk of a seed's ``[L, ...]`` tensor in layers ``[lo, hi)`` becomes a chunk
-    ``[1, 1, ...]`` of expert ``expert`` in ``out_key``, as it is."""
+    ``[1, 1, ...]`` of expert ``expert`` in ``out_key``, as it is (``expert=None``: a chunk
+    ``[1, ...]`` of the ``[L, ...]`` tensor ``out_key``, e.g. the shared expert)."""
     for chunk in reader.chunks_within(source, lo, hi):
         t = reader.read([(source, chunk.offsets, chunk.sizes)])[0]
         c_lo = int(chunk.offsets[0])
         for layer in range(c_lo, c_lo + int(chunk.sizes[0])):
+            part = t[layer - c_lo : layer - c_lo + 1]
+            if expert is None:
+                writer.add(out_key, (layer,) + tuple(int(o) for o in chunk.offsets[1:]), part)
+                continue
             offsets = (layer, expert) + tuple(int(o) for o in chunk.offsets[1:])
-            writer.add(out_key, offsets, t[layer - c_lo : layer - c_lo + 1].unsqueeze(1))
+            writer.add(out_key, offsets, part.unsqueeze(1))
 
 
 def _mix_layer_block(key, rule, arch, seeds, readers, weights, writer, lo: int, hi: int) -> None:
@@ -226,6 +241,9 @@ def _mix_layer_block(key, rule, arch, seeds, readers, weights, writer, lo: int, 
         source = seed.tensors[key].source_key
         if rule.kind == U.STACK:
             _stack_chunks(reader, source, lo, hi, e, rule.outputs[0], writer)
+            continue
+        if rule.kind == U.SHARED_STACK:  # seed 0: the shared expert; seed e: routed expert e - 1
+            _stack_chunks(reader, source, lo, hi, None if e == 0 else e - 1, rule.outputs[int(e > 0)], writer)
             continue
         t = reader.read([(source, (lo,) + rest, (hi - lo,) + shape[1:])])[0]
         if rule.kind == U.SPLIT_QKV:
@@ -241,10 +259,10 @@ def _mix_layer_block(key, rule, arch, seeds, readers, weights, writer, lo: int, 
         writer.add(rule.outputs[-1], (lo,) + rest, mean.result())
 
 
-def _mix_layer_tensors(arch, seeds, readers, weights, writer, mode, blocks_of, progress) -> None:
+def _mix_layer_tensors(arch, seeds, readers, weights, writer, mode, blocks_of, progress, shared_expert=False) -> None:
     """Every ``[L, ...]`` tensor, block of layers by block of layers (see ``layer_blocks``)."""
     for key in arch.layer_keys:
-        rule = U.tensor_rule(key, mode)
+        rule = U.tensor_rule(key, mode, shared_expert)
         blocks = blocks_of[key]
         name = key[len(U.LAYER_PREFIX):]
         for i, (lo, hi) in enumerate(blocks):
@@ -252,18 +270,26 @@ def _mix_layer_tensors(arch, seeds, readers, weights, writer, mode, blocks_of, p
             progress(f"{name} layers {hi}/{arch.num_layers}", always=i == len(blocks) - 1)
 
 
-def _write_routers(arch, n: int, opts: UpcycleOptions, plan, writer) -> float:
-    """Fresh attention / FFN routers ``[L, N, d]``; returns the std used."""
+def _write_routers(arch, n: int, opts: UpcycleOptions, plan, writer, domains=None) -> float:
+    """Fresh attention / FFN routers (``[L, N, d]``; the Nexus router: the routed experts' domain
+    embeddings and a fresh projection); returns the std used."""
     std = opts.router_std if opts.router_std is not None else float(arch.args.get("init_method_std", 0.02))
     gen = torch.Generator().manual_seed(opts.seed)
     for key in (U.ATTN_ROUTER_KEY, U.FFN_ROUTER_KEY):
         if key in plan:
-            router = U.new_router(arch.num_layers, n, arch.hidden_size, init=opts.router_init, std=std, generator=gen, dtype=arch.dtype)
+            rows = plan[key].shape[1]
+            router = U.new_router(arch.num_layers, rows, arch.hidden_size, init=opts.router_init, std=std, generator=gen, dtype=arch.dtype)
             writer.add(key, (0, 0, 0), router)
+    if domains is not None:
+        projection = plan[U.NEXUS_FC2_KEY].shape[2]
+        tensors = nexus.nexus_router_tensors(domains.embeddings, arch.num_layers, arch.hidden_size, projection,
+                                             init=opts.router_init, std=std, generator=gen, dtype=arch.dtype)
+        for key, value in tensors.items():
+            writer.add(key, (0,) * value.dim(), value)
     return std
 
 
-def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float) -> dict:
+def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float, domains=None) -> dict:
     """The output's common state: arguments, iteration 0 and where everything came from."""
     return {
         "args": args,
@@ -280,6 +306,9 @@ def _common_state(args: dict, seeds, weights, opts: UpcycleOptions, std: float) 
             "router_init": opts.router_init,
             "router_std": std,
             "router_seed": opts.seed,
+            "router": opts.router,
+            "shared_expert": opts.has_shared_expert,
+            "domain_embeddings": domains.describe() if domains is not None else None,
         },
     }
 
@@ -310,18 +339,20 @@ def upcycle(
         writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
         readers = [s.reader() for s in seeds]
         result = UpcycleResult(output, iteration_dir(output, 0), seeds, arch, plan, args,
-                               count_parameters(plan, n, args), weights, opts)
+                               count_parameters(plan, n, args), weights, opts, domains=_nexus_domains(opts, n))
         blocks_of = {
             key: layer_blocks(arch.num_layers, [r.chunks(s.tensors[key].source_key) for s, r in zip(seeds, readers)])
             for key in arch.layer_keys
         }
         total = sum(len(b) for b in blocks_of.values()) + len(arch.global_keys) + 2
         report = _Progress(progress or (lambda _msg: None), total, readers, writer)
-        _mix_global_tensors(arch, seeds, readers, weights, writer, opts.mode, report)
-        _mix_layer_tensors(arch, seeds, readers, weights, writer, opts.mode, blocks_of, report)
-        result.router_std = _write_routers(arch, n, opts, plan, writer)
+        shared = opts.has_shared_expert
+        _mix_global_tensors(arch, seeds, readers, weights, writer, opts.mode, report, shared)
+        _mix_layer_tensors(arch, seeds, readers, weights, writer, opts.mode, blocks_of, report, shared)
+        result.router_std = _write_routers(arch, n, opts, plan, writer, result.domains)
         report("routers")
-        finish_checkpoint(tmp, writer, plan, _common_state(args, seeds, weights, opts, result.router_std), sync)
+        common = _common_state(args, seeds, weights, opts, result.router_std, result.domains)
+        finish_checkpoint(tmp, writer, plan, common, sync)
         report(f"merged {writer.num_parts} parts")
         move_into_place(tmp, output, sync)
     except BaseException as exc:
@@ -343,12 +374,14 @@ def upcycle(
 
 def format_summary(result: UpcycleResult) -> str:
     """The end-of-run table: parameters, expert counts, where every expert came from."""
-    args, n, mode = result.args, len(result.seeds), result.options.mode
+    args, mode = result.args, result.options.mode
     p = result.params
     kv = {"full": "Q, K, V, O per expert", "shared-kv": "Q, O per expert; K, V shared (weighted mean)", "merged": "none: attention averaged (BTX)"}[mode]
     attn_experts = args["bam_attn_experts"] if mode != "merged" else 0
     routing = "soft over all" if args["bam_attn_routing"] == "soft" else f"top-{args['bam_attn_topk']}"
     ffn_routing = f"top-{args['moe_router_topk']}" + (", softmax before top-k" if args["moe_router_pre_softmax"] else ", softmax over the chosen")
+    ffn_routing += ", Nexus router" if args.get("moe_router_type") == "nexus" else ", linear router"
+    shared = result.options.has_shared_expert
     lines = [
         f"{'BTX' if mode == 'merged' else 'BAM'} checkpoint: {result.ckpt_dir}",
         f"  mode {mode}; {args['num_layers']} layers, {'sequential' if args['bam_sequential_block'] else 'parallel'} blocks, "
@@ -356,9 +389,13 @@ def format_summary(result: UpcycleResult) -> str:
         f"FFN {args['ffn_hidden_size']}, vocabulary {args['padded_vocab_size']}, {str(result.arch.dtype).replace('torch.', '')}",
         f"  parameters: total {p.total:,} ({human_count(p.total)}), active per token {p.active:,} ({human_count(p.active)})",
         f"  attention experts per layer: {attn_experts} ({kv}" + (f"; routing {routing})" if attn_experts else ")"),
-        f"  FFN experts per layer: {n} (routing {ffn_routing})",
+        f"  FFN experts per layer: {args['num_experts']}" + (" + 1 shared (seed 0's FFN, always on)" if shared else "")
+        + f" (routing {ffn_routing})",
         f"  routers: {'attention + FFN' if mode != 'merged' else 'FFN'}, {result.options.router_init} init"
         + (f" (std {result.router_std:g}, seed {result.options.seed})" if result.options.router_init == "random" else ""),
+        *([f"  Nexus router: domain embeddings of {', '.join(result.domains.names)} (experts 0..) from "
+           f"{result.domains.path} (D {args['nexus_domain_size']}, projection {args['nexus_projection_size']})"]
+          if result.domains is not None else []),
         "  averaged (weights " + ", ".join(f"{w:.4g}" for w in result.weights) + "): embeddings, norms, output layer"
         + ({"shared-kv": ", K/V", "merged": ", attention"}.get(mode, "")),
         "",
@@ -367,7 +404,8 @@ def format_summary(result: UpcycleResult) -> str:
     names = expert_names([s.path for s in result.seeds], result.options)
     for s, name in zip(result.seeds, names):
         attn_src = s.path if mode != "merged" else "(averaged)"
-        rows.append((str(s.index), name, attn_src, s.path, "" if s.iteration is None else str(s.iteration)))
+        ffn_src = ("shared: " if shared and s.index == 0 else "") + s.path
+        rows.append((str(s.index), name, attn_src, ffn_src, "" if s.iteration is None else str(s.iteration)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         lines.append("  " + " | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

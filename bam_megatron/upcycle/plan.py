@@ -14,9 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import torch
+
 from bam_megatron.checkpoint.dcp_writer import PlannedTensor
 from bam_megatron.errors import UpcycleError
 from bam_megatron.upcycle import mapping as U
+from bam_megatron.upcycle.nexus import DomainEmbeddings, nexus_shapes
 from bam_megatron.upcycle.seeds import Architecture
 
 # Plain arguments copied from seed 0 (tokenizer and init), beside the model arguments.
@@ -60,12 +63,26 @@ class UpcycleOptions:
     moe_z_loss_coeff: Optional[float] = None
     moe_router_load_balancing_type: Optional[str] = None
     expert_names: Optional[Sequence[str]] = None  # per seed; default: the seeds' directory names
+    # FFN router: linear | nexus; Nexus reads the routed experts' domain embeddings
+    router: str = "linear"
+    shared_expert: Optional[bool] = None  # seed 0's FFN always on; None: with the Nexus router
+    domain_embeddings: Optional[str] = None  # file of tools/domain_embeddings.py
+    domains: Optional[Sequence[str]] = None  # which of its domains, in expert order (default all)
+    nexus_projection_size: Optional[int] = None  # P (default: hidden size)
+
+    @property
+    def has_shared_expert(self) -> bool:
+        return self.router == "nexus" if self.shared_expert is None else bool(self.shared_expert)
+
+    def routed_experts(self, num_seeds: int) -> int:
+        """FFN experts the router chooses from (all seeds, or all but seed 0's shared one)."""
+        return num_seeds - 1 if self.has_shared_expert else num_seeds
 
 
 @dataclass
 class OutputTensor(PlannedTensor):
     """A tensor of the BAM checkpoint and its role: attention-expert | ffn-expert | shared |
-    router."""
+    shared-expert (seed 0's FFN, always on) | router | router-buffer (Nexus domain embeddings)."""
 
     role: str = "shared"
 
@@ -95,8 +112,11 @@ def check_options(num_seeds: int, opts: UpcycleOptions) -> List[float]:
         raise UpcycleError(f"unknown --router-init {opts.router_init!r}; choose one of {', '.join(U.ROUTER_INITS)}")
     if opts.router_std is not None and not opts.router_std > 0:
         raise UpcycleError(f"--router-std must be positive, got {opts.router_std}")
-    if not 1 <= opts.moe_router_topk <= n:
-        raise UpcycleError(f"--moe-router-topk {opts.moe_router_topk} must be between 1 and the number of seeds ({n})")
+    _check_router_options(n, opts)
+    routed = opts.routed_experts(n)
+    if not 1 <= opts.moe_router_topk <= routed:
+        what = f"the number of routed FFN experts ({routed}: seed 0's FFN is shared)" if opts.has_shared_expert else f"the number of seeds ({n})"
+        raise UpcycleError(f"--moe-router-topk {opts.moe_router_topk} must be between 1 and {what}")
     if opts.moe_router_topk == 1 and not opts.moe_router_pre_softmax:
         raise UpcycleError("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core requirement)")
     if opts.attn_routing not in ("soft", "topk"):
@@ -126,28 +146,52 @@ def expert_names(seed_paths: Sequence[str], opts: UpcycleOptions) -> List[str]:
     return [default_expert_name(p) for p in seed_paths]
 
 
-def plan_outputs(arch: Architecture, n: int, opts: UpcycleOptions) -> Dict[str, OutputTensor]:
-    """Every tensor of the BAM checkpoint: key -> global shape, dtype and role."""
+def _check_router_options(n: int, opts: UpcycleOptions) -> None:
+    if opts.router not in ("linear", "nexus"):
+        raise UpcycleError(f"unknown --router {opts.router!r}; choose linear or nexus")
+    if opts.router == "linear" and (opts.domain_embeddings or opts.domains):
+        raise UpcycleError("--domain-embeddings / --domains are for --router nexus; add --router nexus or drop them")
+    if opts.has_shared_expert and n < 2:
+        raise UpcycleError("a shared FFN expert (seed 0's FFN) needs at least one more seed for the routed experts")
+    if opts.nexus_projection_size is not None and opts.nexus_projection_size < 1:
+        raise UpcycleError(f"--nexus-projection-size must be >= 1, got {opts.nexus_projection_size}")
+
+
+def _role(rule: U.Rule, out_key: str) -> str:
+    if rule.kind == U.AVERAGE or (rule.kind == U.SPLIT_QKV and out_key == rule.outputs[1]):
+        return "shared"
+    if rule.kind == U.SHARED_STACK and out_key == rule.outputs[0]:
+        return "shared-expert"
+    return "ffn-expert" if ".mlp." in out_key else "attention-expert"
+
+
+def plan_outputs(arch: Architecture, n: int, opts: UpcycleOptions,
+                 domains: Optional[DomainEmbeddings] = None) -> Dict[str, OutputTensor]:
+    """Every tensor of the BAM checkpoint: key -> global shape, dtype and role (``domains``: the
+    routed experts' domain embeddings, with the Nexus router)."""
     out: Dict[str, OutputTensor] = {}
+    shared = opts.has_shared_expert
     for key, shape in arch.shapes.items():
-        rule = U.tensor_rule(key, opts.mode)
-        for out_key, out_shape in U.upcycled_shapes(key, shape, n, opts.mode, arch.attn).items():
-            if rule.kind == U.AVERAGE or (rule.kind == U.SPLIT_QKV and out_key == rule.outputs[1]):
-                role = "shared"
-            elif ".mlp." in out_key:
-                role = "ffn-expert"
-            else:
-                role = "attention-expert"
-            out[out_key] = OutputTensor(out_key, tuple(out_shape), arch.dtype, role=role)
-    routers = [U.FFN_ROUTER_KEY] if opts.mode == "merged" else [U.ATTN_ROUTER_KEY, U.FFN_ROUTER_KEY]
-    for key in routers:
-        out[key] = OutputTensor(key, (arch.num_layers, n, arch.hidden_size), arch.dtype, role="router")
+        rule = U.tensor_rule(key, opts.mode, shared)
+        for out_key, out_shape in U.upcycled_shapes(key, shape, n, opts.mode, arch.attn, shared).items():
+            out[out_key] = OutputTensor(out_key, tuple(out_shape), arch.dtype, role=_role(rule, out_key))
+    if opts.mode != "merged":
+        out[U.ATTN_ROUTER_KEY] = OutputTensor(U.ATTN_ROUTER_KEY, (arch.num_layers, n, arch.hidden_size), arch.dtype, role="router")
+    routed = opts.routed_experts(n)
+    if opts.router == "nexus":
+        projection = opts.nexus_projection_size or arch.hidden_size
+        for key, shape in nexus_shapes(arch.num_layers, routed, arch.hidden_size, domains.dim, projection).items():
+            buffer = key == U.NEXUS_DOMAIN_KEY  # kept in fp32 (model/nexus_router.py)
+            out[key] = OutputTensor(key, shape, torch.float32 if buffer else arch.dtype, role="router-buffer" if buffer else "router")
+    else:
+        out[U.FFN_ROUTER_KEY] = OutputTensor(U.FFN_ROUTER_KEY, (arch.num_layers, routed, arch.hidden_size), arch.dtype, role="router")
     return out
 
 
-def output_args(arch: Architecture, n: int, opts: UpcycleOptions) -> dict:
+def output_args(arch: Architecture, n: int, opts: UpcycleOptions, domains: Optional[DomainEmbeddings] = None) -> dict:
     """The ``args`` of the BAM checkpoint: every ``arguments.MODEL_ARGS`` entry (so that
     ``--use-checkpoint-args`` rebuilds the model) plus seed 0's tokenizer and init settings."""
+    nexus = opts.router == "nexus"
     a = arch.args
     seq = a.get("seq_length")
     if not isinstance(seq, int):
@@ -178,10 +222,14 @@ def output_args(arch: Architecture, n: int, opts: UpcycleOptions) -> dict:
         qk_layernorm=arch.qk_layernorm,
         rotary_interleaved=bool(a.get("rotary_interleaved", False)),
         padded_vocab_size=arch.padded_vocab_size,
-        num_experts=n,
+        num_experts=opts.routed_experts(n),
         moe_ffn_hidden_size=arch.ffn_hidden_size,
         moe_router_topk=opts.moe_router_topk,
         moe_router_pre_softmax=bool(opts.moe_router_pre_softmax),
+        moe_router_type=opts.router,
+        nexus_domain_size=domains.dim if nexus else None,
+        nexus_projection_size=(opts.nexus_projection_size or arch.hidden_size) if nexus else None,
+        moe_shared_expert_intermediate_size=arch.ffn_hidden_size if opts.has_shared_expert else None,
         bam_attn_experts=1 if opts.mode == "merged" else n,
         bam_attn_routing=opts.attn_routing if opts.mode != "merged" else "soft",
         bam_attn_topk=opts.attn_topk,
@@ -206,10 +254,12 @@ class ParamCounts:
 
 def count_parameters(plan: Dict[str, OutputTensor], n: int, args: dict) -> ParamCounts:
     """Total parameters and those a token uses (soft attention: every attention expert; top-k
-    attention: k of them; FFN: top-k experts)."""
-    total = sum(t.numel for t in plan.values())
+    attention: k of them; FFN: the shared expert, if any, and top-k routed experts). The Nexus
+    domain embeddings are buffers, not parameters."""
+    total = sum(t.numel for t in plan.values() if t.role != "router-buffer")
     attn = sum(t.numel for t in plan.values() if t.role == "attention-expert") // n
-    ffn = sum(t.numel for t in plan.values() if t.role == "ffn-expert") // n
+    routed = args["num_experts"]
+    ffn = sum(t.numel for t in plan.values() if t.role == "ffn-expert") // routed
     attn_active = n if args.get("bam_attn_routing", "soft") == "soft" else args.get("bam_attn_topk", 1)
-    active = total - (n - attn_active) * attn - (n - args["moe_router_topk"]) * ffn
+    active = total - (n - attn_active) * attn - (routed - args["moe_router_topk"]) * ffn
     return ParamCounts(total, active, attn, ffn)

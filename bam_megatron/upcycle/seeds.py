@@ -57,18 +57,20 @@ class Seed:
     iteration: Optional[int]
     tensors: Dict[str, SeedTensor]
     metadata: Metadata = field(repr=False)
+    label: Optional[str] = None  # how messages name it (default "seed <index> (<path>)")
 
     @property
     def name(self) -> str:
-        return f"seed {self.index} ({self.path})"
+        return self.label or f"seed {self.index} ({self.path})"
 
     def reader(self) -> CheckpointReader:
         return CheckpointReader(self.ckpt_dir, self.metadata)
 
 
-def open_seed(path: str, index: int) -> Seed:
-    """Open (and check) one input checkpoint; reads only its indexes, no tensor data."""
-    what = f"seed {index} ({path})"
+def open_seed(path: str, index: int, label: Optional[str] = None) -> Seed:
+    """Open (and check) one input checkpoint; reads only its indexes, no tensor data. ``label``
+    names it in messages (default ``seed <index> (<path>)``)."""
+    what = label or f"seed {index} ({path})"
     try:
         ckpt = resolve_checkpoint_dir(path, what)
     except CheckpointError as exc:
@@ -98,7 +100,7 @@ def open_seed(path: str, index: int) -> Seed:
     if not tensors:
         raise UpcycleError(f"{what} holds no model tensors")
     iteration = common.get("iteration")
-    return Seed(index, path, ckpt, args, int(iteration) if isinstance(iteration, int) else None, tensors, metadata)
+    return Seed(index, path, ckpt, args, int(iteration) if isinstance(iteration, int) else None, tensors, metadata, label)
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _check_dense(seed: Seed) -> None:
     for key in seed.tensors:
         if U.is_dense_key(key):
             continue
-        if "router" in key or ".experts." in key or "linear_q." in key or "linear_kv." in key:
+        if "router" in key or "experts." in key or "linear_q." in key or "linear_kv." in key:
             raise UpcycleError(
                 f"{seed.name} is not a dense model (it has {key}); the Mix phase takes dense "
                 "checkpoints: the seed and the domain experts branched from it"

@@ -19,11 +19,15 @@ N_EXPERTS = 4
 GLOBAL_BATCH = 4
 
 
-def _configs(tp=1, pp=1, ep=1, kv_sharing=False):
+def _configs(tp=1, pp=1, ep=1, kv_sharing=False, nexus=False):
+    """The layout tests' model; ``nexus``: Nexus router (D 32, P 48) and a shared FFN expert.
+    (z-loss, no load-balancing loss: megatron-core computes that one per micro-batch and data-
+    parallel rank, so it differs, by design, between layouts that split the batch differently.)"""
     from support.models import moe_overrides, tiny_config
 
     from bam_megatron.model.config import BAMConfig
 
+    extra = dict(moe_shared_expert_intermediate_size=64) if nexus else {}
     cfg = tiny_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -31,13 +35,14 @@ def _configs(tp=1, pp=1, ep=1, kv_sharing=False):
         sequence_parallel=tp > 1,
         pipeline_dtype=torch.float32,
         num_query_groups=2,
-        **moe_overrides(N_EXPERTS, 2, False, moe_z_loss_coeff=1e-3),
+        **moe_overrides(N_EXPERTS, 2, False, moe_z_loss_coeff=1e-3, **extra),
     )
-    bam = BAMConfig(attn_experts=N_EXPERTS, kv_sharing=kv_sharing)
+    router = dict(ffn_router="nexus", nexus_domain_size=32, nexus_projection_size=48) if nexus else {}
+    bam = BAMConfig(attn_experts=N_EXPERTS, kv_sharing=kv_sharing, **router)
     return cfg, bam
 
 
-def train_step_worker(rank, world, layout, load_dir, grads_dir, save_dir=None, kv_sharing=False):
+def train_step_worker(rank, world, layout, load_dir, grads_dir, save_dir=None, kv_sharing=False, nexus=False):
     """One training step at ``layout`` from the weights in ``load_dir``; returns the loss."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -52,7 +57,7 @@ def train_step_worker(rank, world, layout, load_dir, grads_dir, save_dir=None, k
     tp, pp, ep = layout
     init_distributed(tp, pp, ep, seed=7)
     try:
-        cfg, bam = _configs(tp, pp, ep, kv_sharing)
+        cfg, bam = _configs(tp, pp, ep, kv_sharing, nexus)
         model = build_bam_model(cfg, bam, vocab_size=VOCAB, max_sequence_length=SEQ)
         if load_dir is None:
             save_model_weights(model, save_dir)  # the reference weights

@@ -418,7 +418,8 @@ def test_inspect_checkpoint_shows_the_expert_layout(seeds, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     lay = info["expert_layout"]
     assert lay["attention"] == {"experts": 3, "kv": "shared", "router": True}
-    assert lay["ffn"] == {"experts": 3, "router": True} and lay["block"] == "parallel"
+    assert lay["ffn"] == {"experts": 3, "router": True, "router_type": "linear", "shared_expert": False}
+    assert lay["block"] == "parallel"
     assert len(lay["layers"]) == 2 and info["iteration"] == 0 and not info["has_optimizer_state"]
 
     assert inspect_cli.main([seeds["s"]]) == 0  # a dense training checkpoint

@@ -17,6 +17,8 @@ PROGRAMS = [
     ("bam_megatron.cli.hf_export", "hf_export.py"),
     ("bam_megatron.cli.generate", "generate.py"),
     ("bam_megatron.cli.build_tasks", "build_tasks.py"),
+    ("bam_megatron.cli.domain_embeddings", "domain_embeddings.py"),
+    ("bam_megatron.cli.add_expert", "add_expert.py"),
 ]
 
 _HELP = """

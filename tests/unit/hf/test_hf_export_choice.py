@@ -68,3 +68,11 @@ def test_shapes_win_and_contradictions_are_one_line():
 
 def test_importable_architectures():
     assert set(IMPORTERS) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "CohereForCausalLM"}
+
+
+def test_a_nexus_router_or_shared_expert_is_refused_in_one_line():
+    spec = ModelSpec(**BASE)
+    for extra in ("mlp.router.projection_fc1.weight", "mlp.shared_experts.linear_fc1.weight"):
+        shapes = {**dense_shapes(spec), LP + extra: (spec.num_layers, 8, spec.hidden_size)}
+        with pytest.raises(HFError, match="Nexus router or a shared FFN expert .* --router linear"):
+            spec_from_checkpoint(spec.to_args(), shapes, "ckpt")

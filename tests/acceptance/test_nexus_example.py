@@ -1,0 +1,53 @@
+"""A reduced run of examples/nexus.sh end to end: mix three domains with the Nexus and the linear
+router, add the fourth domain's expert, fine-tune with and without it, print the table."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from support import REPO_ROOT as ROOT  # noqa: E402
+
+from bam_megatron.checkpoint.common import read_common
+from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+
+STAGES = ["mixed and trained (before adding)", "+ math expert (after adding)", "+ math expert, fine-tuned",
+          "fine-tuned without the new expert"]
+ROWS = ["seed", "math expert"] + [f"{r}: {s}" for r in ("linear", "nexus") for s in STAGES]
+
+
+@pytest.mark.slow
+def test_nexus_example_runs_and_prints_its_table(tmp_path):
+    out = tmp_path / "nexus"
+    env = dict(
+        os.environ, BAM_PYTHON=sys.executable, OUT=str(out), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled", LAYERS="1", HIDDEN="64", HEADS="4", SEQ="64", MBS="8", GBS="8",
+        SEED_ITERS="12", BRANCH_ITERS="6", MOE_ITERS="6", FT_ITERS="4", EVAL_ITERS="1", EMBED_TOKENS="2048",
+    )
+    run = subprocess.run(["bash", "examples/nexus.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    def args(name):
+        return read_common(resolve_checkpoint_dir(str(out / name)))["args"]
+
+    # The mixes differ only in the FFN router; adding the math expert grows both kinds of experts.
+    for router in ("nexus", "linear"):
+        mixed, added = args(f"mix_{router}"), args(f"moe_{router}_plus_math")
+        assert mixed["moe_router_type"] == router and mixed["moe_shared_expert_intermediate_size"] == mixed["ffn_hidden_size"]
+        assert (mixed["num_experts"], mixed["bam_attn_experts"]) == (3, 4)
+        assert (added["num_experts"], added["bam_attn_experts"]) == (4, 5)
+        for name, iters in ((f"moe_{router}", 6), (f"ft_{router}_plus_math", 4), (f"ft_{router}", 4)):
+            assert read_common(resolve_checkpoint_dir(str(out / name)))["iteration"] == iters, name
+    assert (out / "domain_embeddings.pt").is_file()
+
+    # The table: every row, finite perplexities, and the comparisons.
+    table = (out / "results" / "nexus.md").read_text()
+    assert "| nexus: + math expert, fine-tuned |" in run.stdout  # printed at the end of the run
+    for row in ROWS:
+        match = re.search(rf"^\| {re.escape(row)} \| (.+) \|$", table, re.M)
+        assert match, row
+        values = [float(v) for v in match.group(1).split(" | ")]
+        assert len(values) == 5 and all(1.0 < v < 1e6 for v in values), (row, values)
+    assert "initial mix, old domains (avg ppl): Nexus" in table and "paper: up to +2.1%" in table
+    assert "for the same fine-tune without the new expert" in table and "+18.8%" in table
