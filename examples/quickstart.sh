@@ -170,7 +170,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path = sys.argv[1]
-tok = AutoTokenizer.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
 for prompt in ("def ", "The court held that", "Solve for x:"):
     inputs = tok(prompt, return_tensors="pt")

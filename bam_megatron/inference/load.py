@@ -136,7 +136,7 @@ def load_model(
     from bam_megatron.checkpoint.weights import load_model_weights
     from bam_megatron.model.build import build_bam_model
     from bam_megatron.parallel.device import get_device
-    from bam_megatron.training.configs import bam_config_from_args, transformer_config_from_args
+    from bam_megatron.training.configs import bam_config_from_args, gpt_model_kwargs, transformer_config_from_args
 
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = pipeline_model_parallel_size
@@ -151,17 +151,7 @@ def load_model(
     config = transformer_config_from_args(args)
     config.perform_initialization = False  # every weight comes from the checkpoint
     bam = bam_config_from_args(args)
-    model = build_bam_model(
-        config,
-        bam,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        inference=True,
-    ).to(get_device())
+    model = build_bam_model(config, bam, **gpt_model_kwargs(args), inference=True).to(get_device())
     load_model_weights(model, ckpt_dir)
     model.eval()
     iteration = int(read_common(ckpt_dir).get("iteration", 0))

@@ -101,6 +101,19 @@ def bam_config_from_args(args):
     )
 
 
+def gpt_model_kwargs(args) -> dict:
+    """The keyword arguments of ``model.build.build_bam_model`` besides the two configs:
+    vocabulary, positions, embedding tying."""
+    return dict(
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+    )
+
+
 def optimizer_config_from_args(args):
     """megatron-core ``OptimizerConfig`` (AdamW / SGD, clipping, distributed optimizer)."""
     from megatron.core.optimizer import OptimizerConfig

@@ -91,16 +91,10 @@ def build_loaded_model(args, ckpt_dir: str, device):
     """The checkpoint's model (this process, TP = PP = EP = 1) in eval mode."""
     from bam_megatron.checkpoint.weights import load_model_weights
     from bam_megatron.model.build import build_bam_model
-    from bam_megatron.training.configs import bam_config_from_args, transformer_config_from_args
+    from bam_megatron.training.configs import bam_config_from_args, gpt_model_kwargs, transformer_config_from_args
 
     config = transformer_config_from_args(args)
-    model = build_bam_model(
-        config, bam_config_from_args(args), vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-    ).to(device)
+    model = build_bam_model(config, bam_config_from_args(args), **gpt_model_kwargs(args)).to(device)
     load_model_weights(model, ckpt_dir)
     return model.eval()
 

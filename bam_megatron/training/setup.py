@@ -66,17 +66,9 @@ def build_model(args, config, bam, device) -> List[torch.nn.Module]:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     from bam_megatron.model.build import build_bam_model
+    from bam_megatron.training.configs import gpt_model_kwargs
 
-    model = build_bam_model(
-        config,
-        bam,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-    ).to(device)
+    model = build_bam_model(config, bam, **gpt_model_kwargs(args)).to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,

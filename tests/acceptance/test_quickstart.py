@@ -71,6 +71,7 @@ def test_quickstart_pipeline(tmp_path):
     hf = out / "hf" / "bam_kv_experts"
     assert {"config.json", "configuration_bam.py", "modeling_bam.py", "tokenizer.json"} <= set(os.listdir(hf))
     assert run.stdout.count("[quickstart] greedy sample:") == 3, run.stdout[-2000:]
+    assert "Do you wish to run the custom code" not in run.stdout + run.stderr  # no interactive prompt
 
     # Re-running resumes: every stage is skipped.
     again = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
