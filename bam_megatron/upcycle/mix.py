@@ -154,7 +154,8 @@ class UpcycleResult:
 
 
 def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False):
-    """All checks, no writing: returns ``(seeds, arch, plan, args, weights)``."""
+    """All checks, no writing: returns ``(seeds, arch, plan, args, weights, domains)`` (``domains``:
+    the Nexus router's domain embeddings, else ``None``)."""
     weights = check_options(len(seed_paths), opts)
     check_output(output, seed_paths, force, UpcycleError, lambda i: f"seed {i}")
     seeds = [open_seed(p, i) for i, p in enumerate(seed_paths)]
@@ -166,7 +167,7 @@ def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force:
     plan = plan_outputs(arch, len(seeds), opts, domains)
     args = output_args(arch, len(seeds), opts, domains)
     check_free_space(output, sum(t.nbytes for t in plan.values()), UpcycleError)
-    return seeds, arch, plan, args, weights
+    return seeds, arch, plan, args, weights, domains
 
 
 def _nexus_domains(opts: UpcycleOptions, n: int):
@@ -330,7 +331,7 @@ def upcycle(
         UpcycleError: bad input, before anything is written.
     """
     start = time.perf_counter()
-    seeds, arch, plan, args, weights = prepare(seed_paths, output, opts, force)
+    seeds, arch, plan, args, weights, domains = prepare(seed_paths, output, opts, force)
     n = len(seeds)
     output = os.path.abspath(output)
     tmp = new_temporary(output)
@@ -339,7 +340,7 @@ def upcycle(
         writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
         readers = [s.reader() for s in seeds]
         result = UpcycleResult(output, iteration_dir(output, 0), seeds, arch, plan, args,
-                               count_parameters(plan, n, args), weights, opts, domains=_nexus_domains(opts, n))
+                               count_parameters(plan, n, args), weights, opts, domains=domains)
         blocks_of = {
             key: layer_blocks(arch.num_layers, [r.chunks(s.tensors[key].source_key) for s, r in zip(seeds, readers)])
             for key in arch.layer_keys
