@@ -69,6 +69,8 @@ def human_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
 class InferenceError(BAMError, ValueError):
     """A request the model cannot serve: a prompt longer than its context, a malformed prompt
     or task file, sampling settings out of range."""

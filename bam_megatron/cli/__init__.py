@@ -1,2 +1,2 @@
-"""The console programs (``bam-pretrain``, ``bam-upcycle``, ``bam-inspect``, ``bam-evaluate``,
-``bam-preprocess``): each parses its arguments before importing torch or megatron-core."""
+"""The console programs (``bam-pretrain``, ``bam-upcycle``, ``bam-hf-import``, ...; see
+``pyproject.toml``): each parses its arguments before importing torch or megatron-core."""

@@ -21,9 +21,10 @@ before anything is written, with one line naming the problem.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from typing import List, Optional
+
+from bam_megatron.cli.console import stderr_progress, user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     opts = AddExpertOptions(domain_embedding=args.domain_embedding, domain=args.domain, merge_weight=args.merge_weight)
     release_freed_buffers()
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = stderr_progress(args.quiet)
     try:
         result = add_expert(args.moe, args.dense, args.output, opts, force=args.force,
                             part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, progress=progress)
     except BAMError as exc:
-        print(f"add_expert.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("add_expert.py", exc)
     print(format_summary(result), flush=True)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from bam_megatron.cli.console import user_error
 from bam_megatron.sample_data.tasks import (
     DEFAULT_CHOICES,
     DEFAULT_CONTEXT_CHARS,
@@ -45,8 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             context_chars=args.context_chars, continuation_chars=args.continuation_chars, seed=args.seed,
         )
     except (OSError, ValueError) as exc:
-        print(f"build_tasks.py: error: {exc}", file=sys.stderr)
-        return 1
+        return user_error("build_tasks.py", exc)
     for domain, path in paths.items():
         print(f"[build_tasks] {domain}: {path}", file=sys.stderr)
     return 0

@@ -21,6 +21,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+from bam_megatron.cli.console import user_error
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="domain_embeddings.py", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -59,7 +61,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            micro_batch=args.micro_batch_size, seed=args.seed, progress=say)
         save_domain_embeddings(result, args.output)
     except BAMError as exc:
-        print(f"domain_embeddings.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("domain_embeddings.py", exc)
     print(f"domain embeddings [{len(result.names)}, {result.dim}] of {', '.join(result.names)} under {ckpt} -> {args.output}")
     return 0

@@ -29,6 +29,8 @@ import os
 import re
 import sys
 
+from bam_megatron.cli.console import user_error
+
 PROG = "evaluate_bam.py"
 LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
 
@@ -147,8 +149,7 @@ def main(argv=None) -> int:
     try:
         rows, routing = _evaluate_all(args, models, passthrough, domains)
     except BAMError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error(PROG, exc)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     os.makedirs(args.out_dir, exist_ok=True)

@@ -22,6 +22,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+from bam_megatron.cli.console import stderr_progress, user_error
+
 ARCHITECTURES = ("auto", "llama", "qwen2", "qwen3", "cohere", "mixtral", "bam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -80,11 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sync=args.fsync, force=args.force,
     )
     release_freed_buffers()
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = stderr_progress(args.quiet)
     try:
         result = hf_export(args.checkpoint, args.output, opts, progress)
     except BAMError as exc:
-        print(f"hf_export.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("hf_export.py", exc)
     print(_summary(result), flush=True)
     return 0

@@ -17,9 +17,10 @@ when complete.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from typing import List, Optional
+
+from bam_megatron.cli.console import stderr_progress, user_error
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -73,11 +74,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, force=args.force,
     )
     release_freed_buffers()
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = stderr_progress(args.quiet)
     try:
         result = hf_import(args.hf_dir, args.output, opts, progress)
     except BAMError as exc:
-        print(f"hf_import.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("hf_import.py", exc)
     print(_summary(result), flush=True)
     return 0

@@ -17,6 +17,8 @@ import json
 import sys
 from typing import List, Optional
 
+from bam_megatron.cli.console import user_error
+
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.splitlines()[0], allow_abbrev=False)
@@ -37,8 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         info = inspect_checkpoint(args.checkpoint, include_all=args.all)
     except BAMError as exc:
-        print(f"inspect_checkpoint.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("inspect_checkpoint.py", exc)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
     else:

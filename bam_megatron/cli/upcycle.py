@@ -26,9 +26,10 @@ written, with one line naming the problem.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from typing import List, Optional
+
+from bam_megatron.cli.console import stderr_progress, user_error
 
 # Kept here (not imported from upcycle.mapping) so that --help answers before torch is imported.
 MODES = ("full", "shared-kv", "merged")
@@ -118,15 +119,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         nexus_projection_size=args.nexus_projection_size,
     )
     release_freed_buffers()
-    progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = stderr_progress(args.quiet)
     try:
         result = upcycle(
             args.seeds, args.output, opts, force=args.force,
             part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, crc32=args.crc32, progress=progress,
         )
     except BAMError as exc:
-        print(f"upcycle_bam.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return user_error("upcycle_bam.py", exc)
     print(format_summary(result), flush=True)
     return 0
 
