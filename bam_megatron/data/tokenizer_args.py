@@ -8,7 +8,9 @@ builds the tokenizer they describe.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 TOKENIZER_TYPES = (
@@ -19,6 +21,8 @@ TOKENIZER_TYPES = (
 )
 # The arguments that describe a tokenizer (recorded in checkpoints, restored with them).
 TOKENIZER_ARGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+# The ones that name files.
+TOKENIZER_PATH_ARGS = ("vocab_file", "merge_file", "tokenizer_model")
 
 
 def add_tokenizer_args(
@@ -35,3 +39,30 @@ def add_tokenizer_args(
     group.add_argument("--vocab-size", type=int, default=None,
                        help="NullTokenizer: vocabulary size before the EOD token.")
     return parser
+
+
+@dataclass(frozen=True)
+class TokenizerArgs:
+    """A tokenizer as Megatron-LM's flags describe it (``TOKENIZER_ARGS``); file paths as given
+    (a checkpoint's opener makes them absolute)."""
+
+    tokenizer_type: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None
+
+    @classmethod
+    def from_namespace(cls, args) -> "TokenizerArgs":
+        return cls(**{name: getattr(args, name, None) for name in TOKENIZER_ARGS})
+
+    def paths(self) -> Dict[str, str]:
+        """The file arguments that are set: ``{"tokenizer_model": path, ...}``."""
+        return {n: getattr(self, n) for n in TOKENIZER_PATH_ARGS if getattr(self, n)}
+
+    def replace(self, **changes) -> "TokenizerArgs":
+        """A copy with ``changes`` (None values are ignored: "not given")."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> Dict[str, object]:
+        return dataclasses.asdict(self)
