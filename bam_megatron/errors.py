@@ -82,28 +82,41 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def disk_error(exc: BaseException) -> Optional[str]:
-    """The disk condition (``"no space left on device"`` ...) somewhere in ``exc`` — its chain, or
-    the per-rank failures that torch DCP / megatron-core wrap (sometimes only as text, e.g.
-    ``RuntimeError("Worker failure: [Errno 28] ...")``) — or None."""
+def _chain(exc: BaseException):
+    """``exc`` and every exception inside it: its cause and context, and the per-rank failures
+    that torch DCP / megatron-core wrap (``CheckpointException.failures``)."""
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+
+
+def disk_error(exc: BaseException) -> Optional[str]:
+    """The disk condition (``"no space left on device"`` ...) somewhere in ``exc`` — its chain, or
+    the per-rank failures that torch DCP / megatron-core wrap (sometimes only as text, e.g.
+    ``RuntimeError("Worker failure: [Errno 28] ...")``) — or None."""
+    for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             return DISK_ERRNOS[e.errno]
         text = str(e) if not hasattr(e, "failures") else ""
         for code, what in DISK_ERRNOS.items():
             if f"[Errno {code}]" in text:
                 return what
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
     return None
+
+
+def user_error_in(exc: BaseException) -> Optional[BAMError]:
+    """The ``BAMError`` a library wrapped (e.g. raised by one of our callbacks inside a torch DCP
+    load, which re-raises it as a ``CheckpointException``), or None."""
+    return next((e for e in _chain(exc) if isinstance(e, BAMError)), None)
 
 
 __all__ = [
@@ -122,4 +135,5 @@ __all__ = [
     "UpcycleError",
     "disk_error",
     "one_line",
+    "user_error_in",
 ]

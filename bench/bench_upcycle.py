@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+from bam_megatron.checkpoint.layout import TRACKER
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GIB = 1024**3
@@ -121,7 +123,7 @@ def make_seed(path: str, args, index: int) -> None:
         bam_sequential_block=False,
     )
     torch.save({"args": model_args, "iteration": 1000}, os.path.join(ckpt, "common.pt"))
-    with open(os.path.join(path, "latest_checkpointed_iteration.txt"), "w") as fh:
+    with open(os.path.join(path, TRACKER), "w") as fh:
         fh.write("1000")
 
 

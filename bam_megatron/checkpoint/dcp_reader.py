@@ -1,5 +1,8 @@
 """Reading regions of a torch_dist checkpoint's global tensors, without a process group.
 
+Made from an opened checkpoint (``Checkpoint.reader()`` in ``checkpoint/opener``: verified, its
+index read by the allow-listed unpickler), never from a bare path.
+
 ``CheckpointReader`` reads only the stored chunks that overlap a requested region (each whole,
 then narrowed): a layer of an ``[L, ...]`` tensor costs about that layer when the checkpoint
 stores layers as separate chunks, as megatron-core does. A region that is exactly one stored
@@ -19,27 +22,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from bam_megatron.checkpoint.keys import is_model_entry  # noqa: F401  (re-exported)
+from bam_megatron.checkpoint.opener.unpickle import load_tensor
 from bam_megatron.errors import CheckpointError
 
 
 def shape_text(s: Iterable[int]) -> str:
     """``[2, 3]`` for a shape (error messages, tables)."""
     return "[" + ", ".join(str(int(x)) for x in s) + "]"
-
-
-def read_metadata(ckpt_dir: str) -> Metadata:
-    """The torch DCP index (``.metadata``) of a torch_dist checkpoint."""
-    return FileSystemReader(ckpt_dir).read_metadata()
-
-
-def is_model_entry(key: str) -> bool:
-    """Model weights among a checkpoint's entries (not optimizer state, RNG, extra states)."""
-    return not (
-        key.startswith("optimizer")
-        or key.startswith("rng_state")
-        or "_extra_state" in key
-        or key.startswith("rerun_state_machine")
-    )
 
 
 class _RegionPlanner(LoadPlanner):
@@ -117,10 +107,10 @@ class CheckpointReader:
     loaded as it is, without a copy.
     """
 
-    def __init__(self, ckpt_dir: str, metadata: Optional[Metadata] = None):
+    def __init__(self, ckpt_dir: str, metadata: Metadata):
         self.ckpt_dir = ckpt_dir
         self._reader = FileSystemReader(ckpt_dir)
-        self.metadata = metadata if metadata is not None else self._reader.read_metadata()
+        self.metadata = metadata  # read by the opener (allow-listed unpickling)
         self._reader.set_up_storage_reader(self.metadata, True)
         self.bytes_read = 0
 
@@ -140,7 +130,7 @@ class CheckpointReader:
                 if info is None or info.transform_descriptors:
                     return None
                 with open(os.path.join(self.ckpt_dir, info.relative_path), "rb") as f:
-                    t = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                    t = load_tensor(_FileSlice(f, info.offset, info.length))
                 if tuple(t.shape) != sizes or t.dtype != md.properties.dtype:
                     return None
                 return t

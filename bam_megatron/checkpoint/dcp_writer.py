@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -31,6 +31,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.storage import WriteResult
+
+from bam_megatron.checkpoint.opener.unpickle import read_metadata_file
 
 
 @dataclass
@@ -162,7 +164,7 @@ class PartWriter:
         file_count = 0
         for part in range(self.num_parts):
             part_dir = self._part_dir(part)
-            md = FileSystemReader(part_dir).read_metadata()
+            md = read_metadata_file(part_dir)
             renamed: Dict[str, str] = {}
             for index, info in md.storage_data.items():
                 if info.relative_path not in renamed:

@@ -14,11 +14,9 @@ from typing import Dict, Sequence
 
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bam_megatron.checkpoint.common import plain_args, read_common
-from bam_megatron.checkpoint.dcp_reader import is_model_entry, read_metadata, shape_text
-from bam_megatron.checkpoint.layout import DCP_METADATA_FILE, resolve_checkpoint_dir
-from bam_megatron.errors import CheckpointError, one_line
-from bam_megatron.upcycle import mapping as U
+from bam_megatron.checkpoint import keys as U
+from bam_megatron.checkpoint.dcp_reader import is_model_entry, shape_text
+from bam_megatron.checkpoint.opener import DEFAULT_OPTIONS, OpenOptions, open_checkpoint
 
 
 def human_count(n: float) -> str:
@@ -75,15 +73,12 @@ def describe_layout(shapes: Dict[str, Sequence[int]]) -> dict:
     }
 
 
-def inspect_checkpoint(path: str, include_all: bool = False) -> dict:
+def inspect_checkpoint(path: str, include_all: bool = False, options: OpenOptions = DEFAULT_OPTIONS) -> dict:
     """What a torch_dist checkpoint holds: tensors (model, or every entry with
-    ``include_all``), recorded arguments, iteration, expert layout. Reads no tensor data."""
-    ckpt = resolve_checkpoint_dir(path, path)
-    try:
-        md = read_metadata(ckpt)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read {os.path.join(ckpt, DCP_METADATA_FILE)} ({one_line(exc)})") from None
-    common = read_common(ckpt)
+    ``include_all``), recorded arguments, iteration, expert layout. Reads no tensor data (its index
+    files are verified and read by the opener)."""
+    ckpt = open_checkpoint(path, options=options, tensors="none")
+    md, common = ckpt.metadata, ckpt.common
     tensors, others = [], []
     for key, entry in md.state_dict_metadata.items():
         if isinstance(entry, TensorStorageMetadata):
@@ -100,20 +95,23 @@ def inspect_checkpoint(path: str, include_all: bool = False) -> dict:
     tensors.sort(key=lambda r: r["name"])
     shapes = {U.canonical_key(r["name"]): r["shape"] for r in tensors}
     shapes.update({r["name"]: r["shape"] for r in tensors})
-    args = plain_args(common.get("args"))
     info = {
         "path": os.path.abspath(path),
-        "checkpoint_dir": os.path.abspath(ckpt),
+        "checkpoint_dir": ckpt.dir,
         "iteration": common.get("iteration"),
         "consumed_train_samples": common.get("consumed_train_samples"),
-        "has_optimizer_state": any(k.startswith("optimizer") for k in md.state_dict_metadata),
-        "has_rng_state": any(k.startswith("rng_state") for k in md.state_dict_metadata),
+        "has_optimizer_state": ckpt.has_optimizer_state,
+        "has_rng_state": ckpt.has_rng_state,
         "layout_saved_with": common.get("layout"),
         "parameters": sum(math.prod(r["shape"]) for r in tensors),
         "tensors": tensors,
         "other_entries": len(others) if not include_all else others,
-        "args": args,
-        "upcycling": common.get("upcycling"),
+        "args": ckpt.recorded_args,
+        "model": ckpt.model.as_dict(),
+        "tokenizer": ckpt.tokenizer.as_dict(),
+        "upcycling": ckpt.provenance.upcycling,
+        "verification": ckpt.verification.summary(),
+        "notes": list(ckpt.notes) + ([ckpt.tokenizer_problem] if ckpt.tokenizer_problem else []),
         "expert_layout": describe_layout(shapes),
     }
     return info
@@ -133,6 +131,12 @@ def format_inspection(info: dict, show_args: bool = True) -> str:
         names = up.get("expert_names") or []
         seeds = [f"{n} = {p}" if n else p for n, p in zip(list(names) + [None] * len(up.get("seeds", [])), up.get("seeds", []))]
         lines.append(f"upcycled ({up.get('mode')}) from: " + ", ".join(seeds))
+    lines.append(f"verification: {info['verification']}")
+    lines += [f"note: {n}" for n in info.get("notes", [])]
+    tok = info.get("tokenizer") or {}
+    if tok.get("tokenizer_type"):
+        files = ", ".join(f"{k} = {v}" for k, v in tok.items() if v is not None and k != "tokenizer_type")
+        lines.append(f"tokenizer: {tok['tokenizer_type']}" + (f" ({files})" if files else ""))
     lines += ["", "expert layout:"]
     attn = lay["attention"]
     kv_text = {"per expert": "K,V per expert", "shared": "K,V shared", "dense": "ordinary attention"}[attn["kv"]]
@@ -176,26 +180,8 @@ def format_inspection(info: dict, show_args: bool = True) -> str:
     return "\n".join(lines)
 
 
-def verify(path: str, progress=None) -> str:
-    """Check a checkpoint's files (structure, then every recorded checksum); returns a one-line
-    summary. Raises ``CheckpointError`` naming the first damaged file."""
-    import time
-
-    from bam_megatron.checkpoint import integrity
-
-    ckpt = resolve_checkpoint_dir(path, path)
-    say = progress or (lambda _m: None)
-    integrity.check_structure(ckpt)
-    read_common(ckpt)
-    manifest = integrity.read_manifest(ckpt)
-    if manifest is None:
-        return f"{ckpt}: structure whole (index, data files, common state); no checksums recorded, contents not verified"
-    start, done, total = time.perf_counter(), 0, sum(v["size"] for v in manifest.values())
-    for name in sorted(manifest):
-        problems = integrity.verify_files(ckpt, manifest, [name])
-        if problems:
-            raise integrity.problems_to_error(ckpt, problems)
-        done += manifest[name]["size"]
-        say(f"[verify] {done / 2**30:.2f} / {total / 2**30:.2f} GiB  {name}")
-    seconds = time.perf_counter() - start
-    return f"{ckpt}: all {len(manifest)} files match their checksums ({total / 2**30:.2f} GiB in {seconds:.1f} s)"
+def verify(path: str, progress=None, options: OpenOptions = DEFAULT_OPTIONS) -> str:
+    """Open the checkpoint verifying every file (structure, then every recorded checksum);
+    returns a one-line summary. Raises ``CheckpointError`` naming the first damaged file."""
+    ckpt = open_checkpoint(path, options=options, tensors="verify", progress=progress)
+    return f"{ckpt.dir}: {ckpt.verification.summary()}"

@@ -8,8 +8,9 @@ directory becomes visible under its final name) records each file's size and CRC
 CRC-32 (zlib) finds the damage that happens to files on disk and in transfer (truncation,
 flipped bits, a file of another checkpoint) at about 2.5 GB/s per core; it is not a defence
 against deliberate tampering. ``verify_files`` checks any subset of the files (the ranks of a
-job split the work); ``check_structure`` needs no checksums: it reads the DCP index and checks
-that every data file it names exists and holds the byte ranges the index points into.
+job split the work); ``check_structure`` needs no checksums: it checks that every data file the
+DCP index names exists and holds the byte ranges the index points into. The opener
+(``checkpoint/opener``) decides what to check when.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import zlib
 from typing import Dict, Iterable, List, Optional
 
-from bam_megatron.checkpoint.layout import CONFIG_FILE, DCP_METADATA_FILE
+from bam_megatron.checkpoint.layout import CONFIG_FILE
 from bam_megatron.errors import CheckpointError, one_line
 
 MANIFEST = "checksums.json"
@@ -97,23 +98,15 @@ def verify_files(ckpt_dir: str, manifest: Dict[str, Dict[str, int]], names: Iter
     return problems
 
 
-def check_structure(ckpt_dir: str) -> None:
-    """The DCP index is readable and every data file it points into exists and is long enough.
+def check_structure(ckpt_dir: str, metadata) -> None:
+    """Every data file the DCP index ``metadata`` (read by the opener) points into exists and is
+    long enough.
 
     Raises:
         CheckpointError: one line naming the file and what is wrong.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    for name in (CONFIG_FILE, DCP_METADATA_FILE):
-        if not os.path.isfile(os.path.join(ckpt_dir, name)):
-            raise CheckpointError(f"{ckpt_dir} has no {name}: the checkpoint is incomplete")
-    try:
-        metadata = FileSystemReader(ckpt_dir).read_metadata()
-    except Exception as exc:  # a damaged index: any unpickling error
-        raise CheckpointError(
-            f"{os.path.join(ckpt_dir, DCP_METADATA_FILE)} cannot be read ({one_line(exc)}): the checkpoint is damaged"
-        ) from None
+    if not os.path.isfile(os.path.join(ckpt_dir, CONFIG_FILE)):
+        raise CheckpointError(f"{ckpt_dir} has no {CONFIG_FILE}: the checkpoint is incomplete")
     needed: Dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = int(info.offset) + int(info.length)

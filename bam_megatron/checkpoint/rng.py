@@ -64,13 +64,7 @@ def rng_sharded_object():
     return ShardedObject("rng_state", rng_state(), (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def has_rng_shards(ckpt_dir: str) -> bool:
-    """Whether the checkpoint holds the RNG state one shard per global rank (checkpoints of
-    earlier versions indexed it by parallel ranks)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        keys = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
-    except Exception:  # unreadable index: the load itself reports it
-        return True
-    return f"rng_state/shard_0_{dist.get_world_size()}" in keys
+def has_rng_shards(metadata) -> bool:
+    """Whether the checkpoint (its DCP index ``metadata``) holds the RNG state one shard per
+    global rank (checkpoints of earlier versions indexed it by parallel ranks)."""
+    return f"rng_state/shard_0_{dist.get_world_size()}" in metadata.state_dict_metadata

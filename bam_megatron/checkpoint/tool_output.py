@@ -63,10 +63,11 @@ def new_temporary(output: str) -> str:
     return tmp
 
 
-def finish_checkpoint(tmp: str, writer, plan: Dict, common: dict, sync: bool) -> None:
+def finish_checkpoint(tmp: str, writer, plan: Dict, common: dict, sync: bool, checksums: bool = True) -> None:
     """Merge ``writer``'s parts into ``tmp/iter_0000000``, then write the common state,
-    ``metadata.json``, the per-file checksums and the tracker, in that order, after all data is
-    on disk."""
+    ``metadata.json``, the per-file checksums (unless ``checksums`` is False: a tool whose inputs
+    were not verified does not vouch for its output) and the tracker, in that order, after all
+    data is on disk."""
     import torch
 
     from bam_megatron.checkpoint import integrity
@@ -78,7 +79,8 @@ def finish_checkpoint(tmp: str, writer, plan: Dict, common: dict, sync: bool) ->
     torch.save(common, buf)
     write_file(os.path.join(final, COMMON_FILE), buf.getvalue(), sync)
     write_file(os.path.join(final, CONFIG_FILE), json.dumps(MEGATRON_CONFIG).encode(), sync)
-    integrity.write_manifest(final, integrity.checksum_files(final, integrity.checkpoint_files(final)))
+    if checksums:
+        integrity.write_manifest(final, integrity.checksum_files(final, integrity.checkpoint_files(final)))
     write_file(os.path.join(tmp, TRACKER), b"0", sync)
     shutil.rmtree(writer.parts_dir)
     if sync:

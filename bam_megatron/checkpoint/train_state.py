@@ -6,10 +6,11 @@ exists, e.g. an upcycled model), the LR scheduler, the RNG state of every rank, 
 the consumed samples and the arguments (``args``: all of them; ``MODEL_ARGS`` define the
 architecture).
 
-``verify_checkpoint`` checks the files before anything is read into the model (structure always;
-checksums when recorded); ``load_checkpoint`` restores the weights and, as asked and where
-present, the optimizer, the scheduler (Megatron-LM's schedule rules, ``training/schedule.py``)
-and the RNG, and says what it did in a ``LoadReport``.
+``load_checkpoint`` takes a checkpoint opened by ``checkpoint/opener`` (whose index files were
+verified and read without unpickling code), verifies its tensor data across the ranks before
+anything is read into the model, restores the weights and, as asked and where present, the
+optimizer, the scheduler (Megatron-LM's schedule rules, ``training/schedule.py``) and the RNG,
+and says what it did in a ``LoadReport``.
 A model upcycled by ``tools/upcycle_bam.py`` also carries where its experts came from
 (``upcycling``), kept on by every later save.
 """
@@ -24,13 +25,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from bam_megatron.checkpoint import integrity
 from bam_megatron.checkpoint import optimizer as optimizer_state
-from bam_megatron.checkpoint.common import read_common
+from bam_megatron.checkpoint.opener import Checkpoint, dcp_reads
 from bam_megatron.checkpoint.rng import has_rng_shards, parallel_layout, rng_sharded_object, set_rng_state
-from bam_megatron.checkpoint.weights import EXTRA_STATE, CheckpointError, model_sharded_state_dict, unwrap_chunks
+from bam_megatron.checkpoint.weights import (
+    EXTRA_STATE,
+    CheckpointError,
+    model_sharded_state_dict,
+    unwrap_chunks,
+    use_checkpoint_names,
+)
 from bam_megatron.parallel.device import get_device
-from bam_megatron.parallel.distributed import first_problem
 
 
 @dataclass
@@ -59,61 +64,28 @@ class LoadReport:
         return text
 
 
-def verify_checkpoint(ckpt_dir: str, checksums: bool = True) -> None:
-    """Collective: the DCP index and data files are whole (rank 0), and — when the checkpoint
-    records them and ``checksums`` — every file matches its checksum (the ranks share the
-    files). Raises ``CheckpointError`` on every rank, naming the first damaged file."""
-    problem = None
-    if dist.get_rank() == 0:
-        try:
-            integrity.check_structure(ckpt_dir)
-        except CheckpointError as exc:
-            problem = str(exc)
-    problem = first_problem(problem)
-    if problem:
-        raise CheckpointError(problem + "; restore the file or load an earlier checkpoint")
-    if not checksums:
-        return
-    try:
-        manifest = integrity.read_manifest(ckpt_dir)
-    except CheckpointError as exc:
-        manifest, problem = None, str(exc)
-    problem = first_problem(problem)
-    if problem:
-        raise CheckpointError(problem)
-    if manifest is None:
-        return
-    names = sorted(manifest)[dist.get_rank()::dist.get_world_size()]
-    problems = integrity.verify_files(ckpt_dir, manifest, names)
-    gathered: List[Optional[list]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, problems)
-    found = [p for part in gathered for p in (part or [])]
-    if found:
-        raise integrity.problems_to_error(ckpt_dir, found, "; restore it or load an earlier checkpoint")
-
-
-
-
 # ------------------------------------------------------------------------------------ load
 
 
-def _rng_loadable(ckpt_dir: str, common: dict, report: LoadReport) -> bool:
+def _rng_loadable(ckpt: Checkpoint, report: LoadReport) -> bool:
     """Whether the per-rank RNG state can be restored (same layout, current format)."""
-    saved_layout = common.get("layout")
+    saved_layout = ckpt.common.get("layout")
     if saved_layout != parallel_layout():
         why = "none saved" if saved_layout is None else f"saved at another layout {saved_layout}"
         report.fresh.append(f"RNG state ({why})")
         return False
-    if not has_rng_shards(ckpt_dir):
+    if not has_rng_shards(ckpt.metadata):
         report.fresh.append("RNG state (an older format)")
         return False
     return True
 
 
-def _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, report) -> dict:
+def _sharded_request(ckpt: Checkpoint, model, optimizer, load_optim, load_rng, report) -> dict:
     """The sharded state dict to load: the model, plus the optimizer and RNG when asked for and
     present."""
+    ckpt_dir, common = ckpt.dir, ckpt.common
     model_sd = model_sharded_state_dict(model)
+    use_checkpoint_names(model_sd, ckpt)
     sharded = {"model": model_sd}
     has_optim = bool(optimizer_state.saved_parts(common))  # a chain's tensors are "chained_<i>.optimizer..."
     if load_optim and optimizer is not None and has_optim:
@@ -122,7 +94,7 @@ def _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, r
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True, sharding=sharding)
     elif optimizer is not None:
         report.fresh.append("optimizer (" + ("none saved" if load_optim else "--no-load-optim") + ")")
-    if load_rng and _rng_loadable(ckpt_dir, common, report):
+    if load_rng and _rng_loadable(ckpt, report):
         sharded["rng_state"] = rng_sharded_object()
     return sharded
 
@@ -185,31 +157,33 @@ def _restore_schedule(scheduler, common: dict, load_optim: bool, report: LoadRep
         report.schedule = "the command line's, continued from the checkpoint's step"
 
 
-def load_checkpoint(ckpt_dir: str, model: List[torch.nn.Module], optimizer, scheduler, *,
-                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False,
-                    checksums: bool = True) -> Tuple[TrainState, LoadReport]:
-    """Verify ``ckpt_dir`` (an ``iter_*`` directory), then load it into the model and, unless
-    told otherwise or absent from the checkpoint, the optimizer, scheduler and RNG. Returns the
-    resumed state (iteration 0 with ``finetune``: weights only) and what was loaded."""
-    verify_checkpoint(ckpt_dir, checksums)
-    common = read_common(ckpt_dir)
-    report = LoadReport(ckpt_dir)
+def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, scheduler, *,
+                    load_optim: bool = True, load_rng: bool = True,
+                    finetune: bool = False) -> Tuple[TrainState, LoadReport]:
+    """Verify the tensor data of ``ckpt`` (opened by ``checkpoint/opener``), then load it into the
+    model and, unless told otherwise or absent from the checkpoint, the optimizer, scheduler and
+    RNG. Returns the resumed state (iteration 0 with ``finetune``: weights only) and what was
+    loaded."""
+    common = ckpt.common
+    report = LoadReport(ckpt.dir)
     if finetune:
         load_optim = load_rng = False
         report.fresh.append("iteration, optimizer, LR schedule, RNG (weights only)")
-    sharded = _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, report)
+    sharded = _sharded_request(ckpt, model, optimizer, load_optim, load_rng, report)
     # megatron-core's names: "unexpected" = asked for but not in the checkpoint; "missing" = in
     # the checkpoint but asked for by no rank (e.g. optimizer state or RNG not loaded: fine)
-    loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
-    _check_nothing_missing(ckpt_dir, unexpected)
+    with dcp_reads(ckpt):
+        loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt.dir, strict=StrictHandling.RETURN_ALL)
+    _check_nothing_missing(ckpt.dir, unexpected)
     _restore(loaded, sharded, unexpected, model, optimizer, report)
+    upcycling = ckpt.provenance.upcycling
     if finetune:
-        return TrainState(upcycling=common.get("upcycling")), report
+        return TrainState(upcycling=upcycling), report
     _restore_schedule(scheduler, common, load_optim, report)
     state = TrainState(
-        iteration=int(common.get("iteration", 0)),
+        iteration=ckpt.iteration,
         consumed_train_samples=int(common.get("consumed_train_samples", 0)),
         skipped_iterations=int(common.get("skipped_iterations", 0)),
-        upcycling=common.get("upcycling"),
+        upcycling=upcycling,
     )
     return state, report

@@ -1,7 +1,9 @@
 """Model weights in megatron-core's torch_dist format, at any parallel layout.
 
 - ``save_model_weights(model, dir)``: every rank calls it; each shard is written once.
-- ``load_model_weights(model, dir)``: loads a checkpoint saved at any TP/PP/EP layout.
+- ``load_model_weights(model, ckpt)``: loads a checkpoint saved at any TP/PP/EP layout (an opened
+  ``Checkpoint``, or a path opened with ``checkpoint.opener``; Megatron-LM's Transformer Engine
+  names of the fused norms are mapped).
 - ``save_global_tensors(tensors, dir)``: writes full (unsharded) tensors from one process as a
   checkpoint the models above can load at any layout (used to write upcycled models).
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict
+from typing import TYPE_CHECKING, Dict, Union
 
 import torch
 import torch.distributed as dist
@@ -22,11 +24,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from bam_megatron.checkpoint.keys import canonical_key
 from bam_megatron.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from bam_megatron.checkpoint.opener import Checkpoint
+
 EXTRA_STATE = "_extra_state"
-
-
 
 
 def unwrap_chunks(model) -> list:
@@ -55,23 +59,42 @@ def save_model_weights(model, checkpoint_dir: str) -> None:
     dist_checkpointing.save(model_sharded_state_dict(model), checkpoint_dir)
 
 
-def load_model_weights(model, checkpoint_dir: str) -> None:
-    """Load the weights in ``checkpoint_dir`` into ``model`` (any saved layout).
+def _opened(source: Union[str, "Checkpoint"]) -> "Checkpoint":
+    from bam_megatron.checkpoint.opener import Checkpoint, open_checkpoint
+
+    return source if isinstance(source, Checkpoint) else open_checkpoint(source, tensors="defer")
+
+
+def use_checkpoint_names(sharded: dict, ckpt: "Checkpoint") -> None:
+    """Point the model's keys at the names a Transformer Engine checkpoint (Megatron-LM) stores
+    its fused norms under, where the checkpoint has those instead of the local layers' names."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    stored = set(ckpt.metadata.state_dict_metadata)
+    alias = {canonical_key(k): k for k in stored if canonical_key(k) != k}
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor) and sh.key not in stored and sh.key in alias:
+            sh.key = alias[sh.key]
+
+
+def load_model_weights(model, source: Union[str, "Checkpoint"]) -> None:
+    """Load the weights of ``source`` (an opened checkpoint, or a path opened here) into
+    ``model``, whatever layout it was saved at. Its data is verified first (collectively in a
+    process group) and read without unpickling code (``checkpoint/opener``).
 
     Raises:
         CheckpointError: a tensor of the model is absent from the checkpoint.
     """
-    if not os.path.isfile(os.path.join(checkpoint_dir, "metadata.json")):
-        raise CheckpointError(
-            f"{checkpoint_dir} is not a torch_dist checkpoint (no metadata.json); pass the "
-            "iteration directory of a megatron-core checkpoint"
-        )
+    from bam_megatron.checkpoint.opener import dcp_reads
+
+    ckpt = _opened(source)
+    checkpoint_dir = ckpt.dir
     sharded = model_sharded_state_dict(model)
+    use_checkpoint_names(sharded, ckpt)
     # megatron-core's naming: "unexpected" = asked for by the model but absent from the
     # checkpoint; "missing" = in the checkpoint but asked for by no one (e.g. optimizer state)
-    state, _missing, unexpected = dist_checkpointing.load(
-        sharded, checkpoint_dir, strict=StrictHandling.RETURN_ALL
-    )
+    with dcp_reads(ckpt):
+        state, _missing, unexpected = dist_checkpointing.load(sharded, checkpoint_dir, strict=StrictHandling.RETURN_ALL)
     missing_tensors = sorted(k for k in unexpected if EXTRA_STATE not in k)
     if missing_tensors:
         raise CheckpointError(
@@ -117,11 +140,14 @@ def _process_group():
         dist.destroy_process_group()
 
 
-def read_global_tensors(checkpoint_dir: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a torch_dist checkpoint as full (global) tensors, keyed by their
-    checkpoint keys; works with or without a process group."""
-    with _process_group():
-        return dist_checkpointing.load_plain_tensors(checkpoint_dir)
+def read_global_tensors(source: Union[str, "Checkpoint"]) -> Dict[str, torch.Tensor]:
+    """All tensors of a torch_dist checkpoint (opened, or a path opened here) as full (global)
+    tensors, keyed by their checkpoint keys; works with or without a process group."""
+    from bam_megatron.checkpoint.opener import dcp_reads
+
+    ckpt = _opened(source)
+    with _process_group(), dcp_reads(ckpt):
+        return dist_checkpointing.load_plain_tensors(ckpt.dir)
 
 
 __all__ = [

@@ -24,6 +24,7 @@ import argparse
 import warnings
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import stderr_progress, user_error
 
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-size-mb", type=float, default=128, help="Write buffer: parts of about this size (default 128).")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="Do not fsync written files (faster, not crash-safe).")
     p.add_argument("--quiet", "-q", action="store_true", help="No progress lines on stderr.")
+    add_open_args(p)
     return p
 
 
@@ -48,6 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.checkpoint.dcp_writer import release_freed_buffers
+    from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.errors import BAMError
     from bam_megatron.upcycle.add_expert import AddExpertOptions, add_expert, format_summary
 
@@ -56,7 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     progress = stderr_progress(args.quiet)
     try:
         result = add_expert(args.moe, args.dense, args.output, opts, force=args.force,
-                            part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, progress=progress)
+                            part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, progress=progress,
+                            options=open_options(args))
     except BAMError as exc:
         return user_error("add_expert.py", exc)
     print(format_summary(result), flush=True)

@@ -21,6 +21,7 @@ import sys
 import warnings
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="Which documents are sampled.")
     p.add_argument("--force", action="store_true", help="Replace an existing --output.")
     p.add_argument("--quiet", "-q", action="store_true", help="No progress lines on stderr.")
+    add_open_args(p)
     return p
 
 
@@ -48,7 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"domain_embeddings.py: error: output {args.output} exists; pass --force to replace it", file=sys.stderr)
         return 1
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+    from bam_megatron.checkpoint.opener import open_checkpoint, open_options
     from bam_megatron.errors import BAMError
     from bam_megatron.training.domain_embeddings import compute_domain_embeddings, parse_domains
     from bam_megatron.upcycle.nexus import save_domain_embeddings
@@ -56,11 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     say = (lambda _m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         domains = parse_domains(args.domain)
-        ckpt = resolve_checkpoint_dir(args.load, f"--load {args.load}")
+        ckpt = open_checkpoint(args.load, what=f"--load {args.load}", options=open_options(args), tensors="defer")
+        for note in ckpt.notes:
+            say(note)
         result = compute_domain_embeddings(ckpt, domains, tokens=args.tokens, seq_length=args.seq_length,
                                            micro_batch=args.micro_batch_size, seed=args.seed, progress=say)
         save_domain_embeddings(result, args.output)
     except BAMError as exc:
         return user_error("domain_embeddings.py", exc)
-    print(f"domain embeddings [{len(result.names)}, {result.dim}] of {', '.join(result.names)} under {ckpt} -> {args.output}")
+    print(f"domain embeddings [{len(result.names)}, {result.dim}] of {', '.join(result.names)} under {ckpt.dir} -> {args.output}")
     return 0

@@ -29,6 +29,7 @@ import os
 import re
 import sys
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
 
 PROG = "evaluate_bam.py"
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     for name in LAYOUT_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--tokenizer-model", default=None, help=argparse.SUPPRESS)
+    add_open_args(p.add_argument_group("checkpoints"))
     args, passthrough = p.parse_known_args(argv)
     if not args.valid_data_path and not args.tasks:
         p.error("give --valid-data-path (perplexity) and/or --tasks (accuracy)")
@@ -70,6 +72,8 @@ def parse_args(argv=None):
         passthrough += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if args.tokenizer_model:
         passthrough += ["--tokenizer-model", args.tokenizer_model]
+    passthrough += ["--no-checkpoint-checksums"] * (not args.checkpoint_checksums)
+    passthrough += ["--trust-checkpoint-code"] * args.trust_checkpoint_code
     return args, models, passthrough
 
 
@@ -93,22 +97,21 @@ def evaluate_model(path: str, args, passthrough) -> dict:
 
 
 def score_tasks(path: str, args) -> dict:
+    from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.evaluation.checkpoint_tasks import evaluate_checkpoint_on_tasks
 
     return evaluate_checkpoint_on_tasks(
         path, args.task_files, num_fewshot=args.num_fewshot, fewshot_seed=args.fewshot_seed,
         batch_size=args.task_batch_size, limit=args.task_limit, tokenizer_model=args.tokenizer_model,
-        layout=tuple(getattr(args, n) for n in LAYOUT_FLAGS),
+        layout=tuple(getattr(args, n) for n in LAYOUT_FLAGS), options=open_options(args),
     )
 
 
-def expert_names(path: str):
+def expert_names(path: str, args):
     """The names the upcycle tool recorded for the experts of checkpoint ``path`` (or None)."""
-    from bam_megatron.checkpoint.common import read_common
-    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+    from bam_megatron.checkpoint.opener import open_checkpoint, open_options
 
-    names = (read_common(resolve_checkpoint_dir(path)).get("upcycling") or {}).get("expert_names")
-    return list(names) if names else None
+    return open_checkpoint(path, options=open_options(args), tensors="none").provenance.expert_names
 
 
 def slug(name: str) -> str:
@@ -130,7 +133,7 @@ def _evaluate_all(args, models, passthrough, domains):
                 raise CheckpointError(f"no validation loss for {missing} from {path}")
             losses = {d: summary["valid"][d] for d in domains}
             if summary.get("routing"):
-                routing[name] = (summary["routing"], expert_names(path))
+                routing[name] = (summary["routing"], expert_names(path, args))
         if args.task_files:
             metrics = score_tasks(path, args)
             accs = ", ".join(f"{t} {100 * m['acc']:.1f}%" for t, m in metrics.items())

@@ -32,6 +32,7 @@ PROG = "generate.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bam_megatron.checkpoint.opener.options import add_open_args
     from bam_megatron.data.tokenizer_args import add_tokenizer_args
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None)
     g.add_argument("--fp32", action="store_true", help="fp32 on a GPU too (default there: bf16; the CPU always uses fp32).")
     add_tokenizer_args(p)
+    add_open_args(p.add_argument_group("checkpoint"))
     return p
 
 
@@ -139,19 +141,22 @@ def run(args) -> int:
     """Load, generate, print (on rank 0). User errors raise ``BAMError``."""
     import torch.distributed as dist
 
+    from bam_megatron.checkpoint.opener import open_checkpoint, open_options
     from bam_megatron.inference.generate import check_prompts, generate
-    from bam_megatron.inference.load import build_tokenizer_for, checkpoint_model_args, load_model
+    from bam_megatron.inference.load import build_tokenizer_for, load_model
     from bam_megatron.inference.sampling import SamplingParams
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
+    from bam_megatron.training.configs import ParallelLayout
 
     sampling = SamplingParams(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompts = _collect_prompts(args)
-    model_args, ckpt_dir = checkpoint_model_args(
-        args.load, tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-        vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
-    )
+    ckpt = open_checkpoint(args.load, what=f"--load {args.load}", options=open_options(args), tensors="defer")
+    model_args = ckpt.require_model_args()
     need_tokenizer = args.output_format == "text" or any(isinstance(p, str) for p in prompts)
-    tokenizer = build_tokenizer_for(model_args) if need_tokenizer else None
+    tokenizer = build_tokenizer_for(
+        ckpt, tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
+        vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
+    ) if need_tokenizer else None
     ids = [tokenizer.tokenize(p) if isinstance(p, str) else p for p in prompts]
     eos = None if args.ignore_eos else (args.eos_id if args.eos_id is not None else (tokenizer.eod if tokenizer else None))
     vocab = tokenizer.vocab_size if tokenizer else model_args.padded_vocab_size
@@ -160,16 +165,16 @@ def run(args) -> int:
                      args.expert_model_parallel_size, args.expert_tensor_parallel_size, seed=args.seed)
     try:
         say = (lambda m: print(f"[generate] {m}", file=sys.stderr, flush=True)) if dist.get_rank() == 0 and not args.quiet else None
+        for note in ckpt.notes if dist.get_rank() == 0 else []:
+            print(note, file=sys.stderr, flush=True)
         start = time.perf_counter()
-        loaded = load_model(
-            model_args, ckpt_dir, tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            expert_tensor_parallel_size=args.expert_tensor_parallel_size, fp32=args.fp32,
-        )
+        layout = ParallelLayout(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                args.expert_model_parallel_size, args.expert_tensor_parallel_size)
+        loaded = load_model(ckpt, layout, fp32=args.fp32)
         if say:
-            say(f"loaded {ckpt_dir} ({loaded.kind}, iteration {loaded.iteration}, context "
-                f"{loaded.max_sequence_length}) in {time.perf_counter() - start:.1f} s; {len(ids)} prompts")
+            say(f"loaded {ckpt.dir} ({loaded.kind}, iteration {loaded.iteration}, context "
+                f"{loaded.max_sequence_length}; {ckpt.verification.summary()}) in {time.perf_counter() - start:.1f} s; "
+                f"{len(ids)} prompts")
         start = time.perf_counter()
         results = generate(
             loaded.model, ids, max_new_tokens=args.max_new_tokens, sampling=sampling,

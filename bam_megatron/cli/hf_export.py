@@ -22,6 +22,7 @@ import sys
 import warnings
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import stderr_progress, user_error
 
 ARCHITECTURES = ("auto", "llama", "qwen2", "qwen3", "cohere", "mixtral", "bam")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="Replace an existing output (only once the new one is complete).")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="Do not fsync written files (faster, not crash-safe).")
     p.add_argument("--quiet", "-q", action="store_true", help="No progress lines on stderr.")
+    add_open_args(p)
     return p
 
 
@@ -70,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from bam_megatron.checkpoint.dcp_writer import release_freed_buffers
+    from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.errors import BAMError
     from bam_megatron.hf.exporter import ExportOptions, hf_export
 
@@ -79,7 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts = ExportOptions(
         architecture=args.architecture, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
         shard_bytes=int(args.max_shard_size_gb * 1024**3), tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer,
-        sync=args.fsync, force=args.force,
+        sync=args.fsync, force=args.force, open=open_options(args),
     )
     release_freed_buffers()
     progress = stderr_progress(args.quiet)

@@ -17,6 +17,7 @@ import json
 import sys
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
 
 
@@ -29,15 +30,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="Check that every file is whole: the index and the data files it points into, and each file "
                    "against its recorded checksum. Exit status 1 and one line naming the first damaged file otherwise.")
+    add_open_args(p)
     args = p.parse_args(argv)
     from bam_megatron.checkpoint.inspection import format_inspection, inspect_checkpoint, verify
+    from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.errors import BAMError
 
     try:
         if args.verify:
-            print(verify(args.checkpoint, progress=lambda m: print(m, file=sys.stderr, flush=True)), flush=True)
+            print(verify(args.checkpoint, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                         options=open_options(args)), flush=True)
             return 0
-        info = inspect_checkpoint(args.checkpoint, include_all=args.all)
+        info = inspect_checkpoint(args.checkpoint, include_all=args.all, options=open_options(args))
     except BAMError as exc:
         return user_error("inspect_checkpoint.py", exc)
     if args.json:

@@ -29,6 +29,7 @@ import argparse
 import warnings
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import stderr_progress, user_error
 
 # Kept here (not imported from upcycle.mapping) so that --help answers before torch is imported.
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Store zip CRC-32 checksums with every tensor (torch.load never checks them; off by "
                    "default because computing them halves the write speed).")
     p.add_argument("--quiet", "-q", action="store_true", help="No progress lines on stderr.")
+    add_open_args(p)
     return p
 
 
@@ -92,6 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.checkpoint.dcp_writer import release_freed_buffers
+    from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.errors import BAMError
     from bam_megatron.upcycle.mix import format_summary, upcycle
     from bam_megatron.upcycle.plan import UpcycleOptions
@@ -124,6 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = upcycle(
             args.seeds, args.output, opts, force=args.force,
             part_bytes=int(args.part_size_mb * 1024**2), sync=args.fsync, crc32=args.crc32, progress=progress,
+            options=open_options(args),
         )
     except BAMError as exc:
         return user_error("upcycle_bam.py", exc)

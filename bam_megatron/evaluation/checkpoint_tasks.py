@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+from bam_megatron.checkpoint.opener.opening import DEFAULT_OPTIONS
+from bam_megatron.checkpoint.opener.options import OpenOptions
 from bam_megatron.evaluation.multiple_choice import score_task
 from bam_megatron.evaluation.tasks import load_task
 
@@ -24,6 +26,7 @@ def evaluate_checkpoint_on_tasks(
     layout: Tuple[int, int, int] = (1, 1, 1),
     tokenizer_model: Optional[str] = None,
     seed: int = 1234,
+    options: OpenOptions = DEFAULT_OPTIONS,
 ) -> Dict[str, dict]:
     """``{task name: metrics}`` of checkpoint ``load`` on ``tasks`` (``(name, path)`` pairs).
 
@@ -31,21 +34,23 @@ def evaluate_checkpoint_on_tasks(
         limit: score only the first ``limit`` items of each task.
         layout: ``(tensor, pipeline, expert)`` parallel sizes of this run.
         tokenizer_model: replaces the tokenizer file the checkpoint records.
+        options: how the checkpoint is opened (checksums, trust).
 
     Raises:
         BAMError: a bad checkpoint, task file or layout (one line).
     """
-    from bam_megatron.inference.load import build_tokenizer_for, checkpoint_model_args, load_model
+    from bam_megatron.checkpoint.opener import open_checkpoint
+    from bam_megatron.inference.load import build_tokenizer_for, load_model
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
+    from bam_megatron.training.configs import ParallelLayout
 
     items = {name: load_task(path)[:limit] for name, path in tasks}  # errors before any process group
-    args, ckpt_dir = checkpoint_model_args(load, tokenizer_model=tokenizer_model)
-    tokenizer = build_tokenizer_for(args)
+    ckpt = open_checkpoint(load, what=load, options=options, tensors="defer")
+    tokenizer = build_tokenizer_for(ckpt, tokenizer_model=tokenizer_model)
     tp, pp, ep = layout
     init_distributed(tp, pp, ep, seed=seed)
     try:
-        loaded = load_model(args, ckpt_dir, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                            expert_model_parallel_size=ep)
+        loaded = load_model(ckpt, ParallelLayout(tp, pp, ep))
         results = {}
         for name, task_items in items.items():
             results[name] = score_task(

@@ -27,11 +27,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bam_megatron.checkpoint.common import plain_args, read_common
-from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, read_metadata
-from bam_megatron.checkpoint.layout import TRACKER, resolve_checkpoint_dir
+from bam_megatron.checkpoint.dcp_reader import is_model_entry
+from bam_megatron.checkpoint.opener import DEFAULT_OPTIONS, Checkpoint, OpenOptions, open_checkpoint, tensor_reader
 from bam_megatron.checkpoint.tool_output import check_free_space, check_output, move_into_place, new_temporary, raise_disk_error
-from bam_megatron.errors import CheckpointError, HFError, one_line
+from bam_megatron.data.tokenizer_files import files_of
+from bam_megatron.errors import CheckpointError, HFError
 from bam_megatron.hf import tokenizer_files as TF
 from bam_megatron.hf.adapters import export_candidates
 from bam_megatron.hf.adapters.base import HF_LAYER_PREFIX, Adapter
@@ -54,6 +54,7 @@ class ExportOptions:
     no_tokenizer: bool = False
     sync: bool = True
     force: bool = False
+    open: OpenOptions = DEFAULT_OPTIONS  # how the checkpoint is opened (checksums, trust)
 
 
 @dataclass
@@ -70,21 +71,18 @@ class ExportResult:
 
 
 class _Source:
-    """The checkpoint's model tensors by canonical key, read a layer (or a whole global) at a time."""
+    """The checkpoint's model tensors by canonical key, read a layer (or a whole global) at a time
+    (from an opened, verified checkpoint)."""
 
-    def __init__(self, ckpt_dir: str):
-        try:
-            metadata = read_metadata(ckpt_dir)
-        except Exception as exc:  # a damaged or foreign index: any of torch's reader errors
-            raise HFError(f"cannot read the index of {ckpt_dir} ({one_line(exc)}); the checkpoint is damaged or not torch_dist") from None
+    def __init__(self, ckpt: Checkpoint):
         self.keys: Dict[str, str] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
-        for key, md in metadata.state_dict_metadata.items():
+        for key, md in ckpt.metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata) and is_model_entry(key):
                 name = canonical_key(key)
                 self.keys[name], self.shapes[name], self.dtypes[name] = key, tuple(int(x) for x in md.size), md.properties.dtype
-        self.reader = CheckpointReader(ckpt_dir, metadata)
+        self.reader = tensor_reader(ckpt)
 
     def read_global(self, name: str) -> torch.Tensor:
         return self.reader.read_full(self.keys[name])
@@ -148,27 +146,37 @@ def _plan(adapter: Adapter, spec: ModelSpec, source: _Source, dtype: Optional[to
     return entries
 
 
-def _tokenizer(opts: ExportOptions, args: dict, ckpt_dir: str) -> Optional[TF.TokenizerFiles]:
+def _tokenizer(opts: ExportOptions, ckpt: Checkpoint) -> Optional[TF.TokenizerFiles]:
+    """The files of the checkpoint's tokenizer (as the opener found them) or of ``--tokenizer``."""
     if opts.no_tokenizer:
         return None
     if opts.tokenizer:
         return TF.from_override(opts.tokenizer)
-    parent = os.path.dirname(os.path.abspath(ckpt_dir))
-    root = parent if os.path.isfile(os.path.join(parent, TRACKER)) else os.path.abspath(ckpt_dir)
-    return TF.recorded(args, root)
-
-
-def _open(ckpt: str):
+    if ckpt.tokenizer.tokenizer_type in (None, "NullTokenizer"):
+        return None
     try:
-        ckpt_dir = resolve_checkpoint_dir(ckpt)
-        common = read_common(ckpt_dir)
+        tok = ckpt.require_tokenizer()
+    except CheckpointError as exc:
+        raise HFError(f"{exc} (--tokenizer here), or --no-tokenizer") from None
+    files = files_of(tok)
+    if files is None:
+        raise HFError(f"the tokenizer files of {ckpt.dir} ({', '.join(tok.paths().values())}) cannot be read; "
+                      "pass --tokenizer PATH (the tokenizer's file or folder) or --no-tokenizer")
+    return files
+
+
+def _open(ckpt: str, opts: ExportOptions, progress) -> Tuple[Checkpoint, dict]:
+    """The checkpoint opened (files verified, read without running code) and its recorded
+    arguments, the model's as the opener read them."""
+    try:
+        opened = open_checkpoint(ckpt, options=opts.open, tensors="verify", progress=progress)
     except CheckpointError as exc:
         raise HFError(str(exc)) from None
-    args = plain_args(common.get("args"))
-    if not args:
+    if not opened.recorded_args:
         raise HFError(f"{ckpt} records no model arguments (common state 'args'); pass a checkpoint written by "
                       "pretrain_bam.py, the upcycle tool, hf_import.py or Megatron-LM")
-    return ckpt_dir, args
+    args = {**opened.recorded_args, **{n: getattr(opened.model, n) for n in opened.known_model_args}}
+    return opened, args
 
 
 def hf_export(ckpt: str, output: str, opts: ExportOptions, progress: Optional[Callable[[str], None]] = None) -> ExportResult:
@@ -179,12 +187,12 @@ def hf_export(ckpt: str, output: str, opts: ExportOptions, progress: Optional[Ca
     """
     start = time.perf_counter()
     check_output(output, [ckpt], opts.force, HFError, lambda i: "the checkpoint")
-    ckpt_dir, args = _open(ckpt)
-    source = _Source(ckpt_dir)
+    opened, args = _open(ckpt, opts, progress)
+    source = _Source(opened)
     spec = spec_from_checkpoint(args, source.shapes, ckpt)
     adapter, reasons = _choose(spec, source, opts.architecture)
     entries = _plan(adapter, spec, source, opts.dtype)
-    tok = _tokenizer(opts, args, ckpt_dir)
+    tok = _tokenizer(opts, opened)
     check_free_space(output, sum(e.nbytes for e in entries), HFError)
     result = ExportResult(os.path.abspath(output), adapter.architecture, spec, reasons, tok)
     tmp = new_temporary(output)

@@ -18,45 +18,12 @@ import argparse
 import os
 from typing import List, Optional
 
+from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.data.tokenizer_args import add_tokenizer_args
+from bam_megatron.model.model_args import ARCHITECTURE
 
 # Arguments that define the model (and so must match a checkpoint that is loaded).
-MODEL_ARGS = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "seq_length",
-    "max_position_embeddings",
-    "swiglu",
-    "normalization",
-    "norm_epsilon",
-    "position_embedding_type",
-    "rotary_base",
-    "rotary_percent",
-    "untie_embeddings_and_output_weights",
-    "add_bias_linear",
-    "add_qkv_bias",
-    "qk_layernorm",
-    "rotary_interleaved",
-    "padded_vocab_size",
-    "num_experts",
-    "moe_ffn_hidden_size",
-    "moe_router_topk",
-    "moe_router_pre_softmax",
-    "moe_router_type",
-    "nexus_domain_size",
-    "nexus_projection_size",
-    "moe_shared_expert_intermediate_size",
-    "bam_attn_experts",
-    "bam_attn_routing",
-    "bam_attn_topk",
-    "bam_attn_topk_renormalize",
-    "bam_kv_sharing",
-    "bam_sequential_block",
-)
+MODEL_ARGS = ARCHITECTURE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,7 +155,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true", help="Resuming: keep the checkpoint's LR schedule whatever this command line says.")
     g.add_argument("--force-save-lock", action="store_true", help="Take over the lock of --save even from a run that looks alive (only when you know it is gone).")
     g.add_argument("--allow-save-rewind", action="store_true", help="Save into a --save whose newest checkpoint is ahead of this run (its tracker moves back).")
-    g.add_argument("--no-checkpoint-checksums", dest="checkpoint_checksums", action="store_false", help="Neither write per-file checksums when saving nor verify them when loading.")
+    add_open_args(g)
 
 
 def _add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -251,6 +218,7 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
            "--group-query-attention needs --num-query-groups")
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
+    args.group_query_attention = args.num_query_groups != args.num_attention_heads  # recorded consistently
     tp = args.tensor_model_parallel_size
     _check(parser, tp >= 1 and args.num_attention_heads % tp == 0,
            f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")

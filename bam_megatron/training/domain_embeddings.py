@@ -72,30 +72,23 @@ def sample_domain(name: str, prefix: str, tokens: int, seq_length: int, seed: in
     return DomainSample(name, prefix, rows, tail)
 
 
-def model_args(ckpt_dir: str):
-    """Finalized ``pretrain_bam.py`` arguments for the model ``ckpt_dir`` records (one process)."""
-    from bam_megatron.training import arguments as cli
-    from bam_megatron.training.checkpoint_args import merge_checkpoint_args, saved_model_args
-
-    parser = cli.build_parser()
-    args = parser.parse_args(["--load", ckpt_dir, "--use-checkpoint-args", "--skip-train", "--mock-data",
-                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "1"])
-    merge_checkpoint_args(args, ckpt_dir, parser.get_default, log=lambda _line: None)
-    args.tokenizer_type, args.vocab_size = "NullTokenizer", 1  # the ids are read, not tokenized
-    cli.finalize_args(args, parser)
-    args.padded_vocab_size = int(saved_model_args(ckpt_dir)["padded_vocab_size"])
-    return args
-
-
-def build_loaded_model(args, ckpt_dir: str, device):
-    """The checkpoint's model (this process, TP = PP = EP = 1) in eval mode."""
+def build_loaded_model(ckpt, device):
+    """The checkpoint's model (an opened ``Checkpoint``; this process, TP = PP = EP = 1) in eval
+    mode, its weights verified and loaded."""
     from bam_megatron.checkpoint.weights import load_model_weights
     from bam_megatron.model.build import build_bam_model
-    from bam_megatron.training.configs import bam_config_from_args, gpt_model_kwargs, transformer_config_from_args
+    from bam_megatron.training.configs import (
+        ComputeSettings,
+        ParallelLayout,
+        bam_config_from_args,
+        gpt_model_kwargs,
+        transformer_config,
+    )
 
-    config = transformer_config_from_args(args)
-    model = build_bam_model(config, bam_config_from_args(args), **gpt_model_kwargs(args)).to(device)
-    load_model_weights(model, ckpt_dir)
+    model_args = ckpt.require_model_args().replace(hidden_dropout=0.0, attention_dropout=0.0)
+    config = transformer_config(model_args, ParallelLayout(), ComputeSettings())
+    model = build_bam_model(config, bam_config_from_args(model_args), **gpt_model_kwargs(model_args)).to(device)
+    load_model_weights(model, ckpt)
     return model.eval()
 
 
@@ -135,7 +128,7 @@ def check_datasets(domains: Dict[str, str], vocab_size: int) -> None:
 
 
 def compute_domain_embeddings(
-    ckpt_dir: str,
+    ckpt,
     domains: Dict[str, str],
     *,
     tokens: int,
@@ -144,22 +137,22 @@ def compute_domain_embeddings(
     seed: int = 1234,
     progress: Callable[[str], None] = lambda _m: None,
 ):
-    """Domain embeddings ``[k, d]`` of ``domains`` (name -> dataset prefix) under ``ckpt_dir``.
+    """Domain embeddings ``[k, d]`` of ``domains`` (name -> dataset prefix) under the opened
+    checkpoint ``ckpt`` (``checkpoint.opener.Checkpoint``).
 
     Returns:
         ``upcycle.nexus.DomainEmbeddings`` with its provenance (checkpoint, datasets, tokens).
     """
-    from bam_megatron.checkpoint.common import read_common
     from bam_megatron.parallel.distributed import destroy_distributed, get_device, init_distributed
     from bam_megatron.upcycle.nexus import DomainEmbeddings
 
-    args = model_args(ckpt_dir)
-    seq = seq_length or args.seq_length
-    check_datasets(domains, args.padded_vocab_size)
+    model_args = ckpt.require_model_args()
+    seq = seq_length or model_args.seq_length
+    check_datasets(domains, model_args.padded_vocab_size)
     init_distributed(seed=seed)
     try:
         device = get_device()
-        model = build_loaded_model(args, ckpt_dir, device)
+        model = build_loaded_model(ckpt, device)
         rows, counts = [], {}
         for name, prefix in domains.items():
             sample = sample_domain(name, prefix, tokens, seq, seed)
@@ -169,8 +162,8 @@ def compute_domain_embeddings(
     finally:
         destroy_distributed()
     provenance = {
-        "representation": REPRESENTATION, "checkpoint": os.path.abspath(ckpt_dir),
-        "iteration": read_common(ckpt_dir).get("iteration"), "datasets": {k: os.path.abspath(v) for k, v in domains.items()},
+        "representation": REPRESENTATION, "checkpoint": ckpt.dir,
+        "iteration": ckpt.iteration, "datasets": {k: os.path.abspath(v) for k, v in domains.items()},
         "tokens": counts, "seq_length": seq, "seed": seed,
     }
     return DomainEmbeddings(list(domains), torch.stack(rows), provenance)

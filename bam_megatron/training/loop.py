@@ -59,7 +59,7 @@ class Trainer:
         self.window = _Window()
         self.nan_iters = 0
         self.last_saved: Optional[int] = None
-        self.saved_args = args_dict(run.args)
+        self.saved_args = {**args_dict(run.args), **run.recorded_tokenizer}
         self.start_time, self.start_iteration = time.perf_counter(), run.state.iteration
 
     # -------------------------------------------------------------------------------- steps

@@ -1,9 +1,11 @@
 """``pretrain_bam.py``: one program for every phase (seed, branch, mix), Megatron-LM's flags.
 
 Order of work: arguments → where to start from (``start.py``: ``--load``, a fresh start from
-``--pretrained-checkpoint``, or scratch) → checks that need no process group (tokenizer,
-checkpoint arguments and schedule, the ``--save`` directory) → process groups → the ``--save``
-lock → model → optimizer → checkpoint loaded → data → train / evaluate. ``pretrain(argv)`` returns
+``--pretrained-checkpoint``, or scratch; the checkpoint opened by ``checkpoint/opener``: found,
+index files verified, read without running code) → checks that need no process group
+(tokenizer, checkpoint arguments and schedule, the ``--save`` directory) → process groups → the
+checkpoint's tensor data verified (the ranks share the files) → the ``--save`` lock → model →
+optimizer → checkpoint loaded → data → train / evaluate. ``pretrain(argv)`` returns
 a summary (losses, validation, routing, why it stopped) on every rank; ``main(argv)`` turns a user
 error (``BAMError``) into one line and exit code 1.
 """
@@ -27,8 +29,8 @@ def _parse(argv: Optional[List[str]]):
     args = parser.parse_args(argv)
     start = find_start(args)  # a bad --load is a user error (exit 1), like any checkpoint problem
     try:
-        if args.use_checkpoint_args and start.ckpt_dir:
-            merge_checkpoint_args(args, start.ckpt_dir, parser.get_default, log=start.notes.append)
+        if args.use_checkpoint_args and start.checkpoint:
+            merge_checkpoint_args(args, start.checkpoint, parser.get_default, log=start.notes.append)
         elif args.use_checkpoint_args:
             start.notes.append("[checkpoint-args] no checkpoint to take arguments from: the command line's are used")
         cli.finalize_args(args, parser)
@@ -81,11 +83,10 @@ def _load(run, start) -> None:
 
     args = run.args
     source = "the command line's"
-    if start.ckpt_dir:
+    if start.checkpoint:
         run.state, report = load_checkpoint(
-            start.ckpt_dir, run.model, run.optimizer, run.scheduler,
+            start.checkpoint, run.model, run.optimizer, run.scheduler,
             load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=start.finetune,
-            checksums=args.checkpoint_checksums,
         )
         print_rank_0(report.line(run.state))
         source = report.schedule
@@ -100,10 +101,11 @@ def _execute(args, bam, tokenizer, start) -> dict:
     from bam_megatron.training.loop import Trainer
     from bam_megatron.training.metrics import MetricsLogger, print_rank_0
     from bam_megatron.training.setup import banner, build_datasets_for, build_run
-    from bam_megatron.training.start import check_save_dir, check_save_space
+    from bam_megatron.training.start import carry_tokenizer_into_save, check_save_dir, check_save_space
 
     run = build_run(args, bam, get_device())
     check_save_dir(args, start)
+    run.recorded_tokenizer = carry_tokenizer_into_save(args)
     run.tokenizer = tokenizer
     print_rank_0(banner(run))
     _load(run, start)
@@ -126,6 +128,7 @@ def _execute(args, bam, tokenizer, start) -> dict:
 def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run ``pretrain_bam.py`` with ``argv``; returns a summary (final losses) on every rank."""
     args, start = _parse(argv)  # before any torch import: --help and argument errors answer at once
+    from bam_megatron.checkpoint.opener import ensure_verified
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
     from bam_megatron.training.start import hold_save_lock
 
@@ -140,6 +143,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     )
     try:
         start.announce()
+        if start.checkpoint:  # every file checked before this run writes anything
+            ensure_verified(start.checkpoint)
         with hold_save_lock(args):
             return _execute(args, bam, tokenizer, start)
     finally:

@@ -33,6 +33,7 @@ class Run:
     datasets: object = None
     logger: object = None
     state: TrainState = field(default_factory=TrainState)
+    recorded_tokenizer: dict = field(default_factory=dict)  # tokenizer arguments the saves record
     summary: dict = field(default_factory=lambda: {"train_losses": [], "valid": {}, "routing": {}})
 
     def data_iterator(self, dataset, consumed: int = 0, cyclic: bool = False):

@@ -20,25 +20,31 @@ import shutil
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from bam_megatron.checkpoint.layout import TRACKER, has_checkpoint, read_tracker, resolve_checkpoint_dir
+from bam_megatron.checkpoint.layout import TRACKER
+from bam_megatron.checkpoint.opener import Checkpoint, has_checkpoint, locate, open_checkpoint, open_options, read_tracker
+from bam_megatron.data.tokenizer_files import TOKENIZER_DIR
 from bam_megatron.errors import CheckpointError, human_bytes
 
 # What a run of ours leaves in a --save folder before its first checkpoint.
-_OWN_LEFTOVERS = (".bam_save.lock", "wandb", "tensorboard", TRACKER + ".tmp")
+_OWN_LEFTOVERS = (".bam_save.lock", "wandb", "tensorboard", TRACKER + ".tmp", TOKENIZER_DIR)
 
 
 @dataclass
 class StartPoint:
     """The checkpoint a run loads (None: from scratch), how, and the lines that say so."""
 
-    ckpt_dir: Optional[str] = None
+    checkpoint: Optional[Checkpoint] = None  # opened: index verified, tensor data verified at load
     finetune: bool = False  # weights only, iteration 0
     iteration: int = 0
     notes: List[str] = field(default_factory=list)
 
     @property
+    def ckpt_dir(self) -> Optional[str]:
+        return self.checkpoint.dir if self.checkpoint is not None else None
+
+    @property
     def resume(self) -> bool:
-        return self.ckpt_dir is not None and not self.finetune
+        return self.checkpoint is not None and not self.finetune
 
     def announce(self) -> None:
         from bam_megatron.training.metrics import print_rank_0
@@ -59,56 +65,49 @@ def _holds_only_leftovers(path: str) -> bool:
     return True
 
 
-def _iteration_of(ckpt_dir: str) -> int:
-    from bam_megatron.checkpoint.common import read_common
-
-    value = read_common(ckpt_dir).get("iteration", 0)
-    return int(value) if isinstance(value, int) else 0
-
-
 def find_start(args) -> StartPoint:
-    """The start point of ``args`` (see the module docstring).
+    """The start point of ``args`` (see the module docstring); the checkpoint it names is opened
+    (``checkpoint/opener``: found, its index files verified and read without running code).
 
     Raises:
         CheckpointError: ``--load`` is not a checkpoint folder, or is empty with
-            ``--exit-on-missing-checkpoint``.
+            ``--exit-on-missing-checkpoint``; the checkpoint is damaged or unsafe to read.
     """
     start = StartPoint()
+    path, what = None, None
     if args.load and has_checkpoint(args.load):
-        start.ckpt_dir = resolve_checkpoint_dir(args.load, f"--load {args.load}")
+        path, what = args.load, f"--load {args.load}"
         start.finetune = bool(args.finetune)
     elif args.load:
         if not _holds_only_leftovers(args.load):
-            resolve_checkpoint_dir(args.load, f"--load {args.load}")  # raises, naming the problem
+            locate(args.load, f"--load {args.load}")  # raises, naming the problem
         if args.exit_on_missing_checkpoint:
             raise CheckpointError(f"--load {args.load} holds no checkpoint (--exit-on-missing-checkpoint is set)")
-        what = f"--pretrained-checkpoint {args.pretrained_checkpoint}" if args.pretrained_checkpoint else "scratch"
-        start.notes.append(f"[checkpoint] WARNING: --load {args.load} holds no checkpoint yet: starting from {what}")
-    if start.ckpt_dir is None and args.pretrained_checkpoint:
-        start.ckpt_dir = resolve_checkpoint_dir(args.pretrained_checkpoint, f"--pretrained-checkpoint {args.pretrained_checkpoint}")
+        source = f"--pretrained-checkpoint {args.pretrained_checkpoint}" if args.pretrained_checkpoint else "scratch"
+        start.notes.append(f"[checkpoint] WARNING: --load {args.load} holds no checkpoint yet: starting from {source}")
+    if path is None and args.pretrained_checkpoint:
+        path, what = args.pretrained_checkpoint, f"--pretrained-checkpoint {args.pretrained_checkpoint}"
         start.finetune = True
-    leftover = start.ckpt_dir and (os.path.basename(start.ckpt_dir).endswith(".tmp") or ".old-" in os.path.basename(start.ckpt_dir))
-    if leftover:
-        start.notes.append(f"[checkpoint] the tracker names a missing folder; using the complete copy {start.ckpt_dir} "
-                           "left by an interrupted save")
+    if path is not None:
+        start.checkpoint = open_checkpoint(path, what=what, options=open_options(args), tensors="defer")
+        start.notes += start.checkpoint.notes
     if start.resume:
-        start.iteration = _iteration_of(start.ckpt_dir)
+        start.iteration = start.checkpoint.iteration
     return start
 
 
 def check_against_checkpoint(args, start: StartPoint) -> None:
     """The model matches the checkpoint; a resumed schedule matches its (``schedule.py``)."""
-    from bam_megatron.checkpoint.common import read_common
-    from bam_megatron.training.checkpoint_args import check_checkpoint_matches, saved_model_args
+    from bam_megatron.training.checkpoint_args import check_checkpoint_matches
     from bam_megatron.training.schedule import check_resumed_schedule
 
-    if not start.ckpt_dir:
+    ckpt = start.checkpoint
+    if ckpt is None:
         return
-    saved = saved_model_args(start.ckpt_dir)
-    check_checkpoint_matches(args, start.ckpt_dir, saved)
-    sched = read_common(start.ckpt_dir).get("opt_param_scheduler")
+    check_checkpoint_matches(args, ckpt)
+    sched = ckpt.common.get("opt_param_scheduler")
     if start.resume and sched and not args.skip_train and not args.no_load_optim:
-        check_resumed_schedule(args, sched, saved, start.ckpt_dir)
+        check_resumed_schedule(args, sched, ckpt.recorded_args, ckpt.dir)
 
 
 def _probe_writable(folder: str) -> None:
@@ -137,6 +136,37 @@ def check_save_dir(args, start: StartPoint) -> None:
             f"iteration {start.iteration}): saving there would move its tracker back; resume it with --load "
             f"{args.save}, choose another --save, or add --allow-save-rewind"
         )
+
+
+def carry_tokenizer_into_save(args) -> dict:
+    """Rank 0 copies the run's tokenizer files into ``<--save>/tokenizer/`` (once; a resumed run
+    finds them there); every rank returns the tokenizer arguments its checkpoints record:
+    relative to the checkpoint folder, so that the checkpoints open from anywhere.
+
+    Raises:
+        CheckpointError: ``<--save>/tokenizer/`` holds another tokenizer (every rank).
+    """
+    import torch.distributed as dist
+
+    from bam_megatron.checkpoint.opener import carry_tokenizer, relative_tokenizer
+    from bam_megatron.data.tokenizer_args import TokenizerArgs
+    from bam_megatron.parallel.distributed import first_problem
+
+    if not args.save or args.skip_train:
+        return {}
+    tok = TokenizerArgs.from_namespace(args)
+    problem = None
+    if dist.get_rank() == 0:
+        try:
+            carry_tokenizer(tok, args.save)
+        except CheckpointError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot copy the tokenizer into --save {args.save} ({exc.strerror or exc}); choose a writable folder"
+    problem = first_problem(problem)
+    if problem:
+        raise CheckpointError(problem)
+    return relative_tokenizer(tok).as_dict()
 
 
 @contextlib.contextmanager

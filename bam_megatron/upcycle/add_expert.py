@@ -34,6 +34,13 @@ import torch
 from bam_megatron.checkpoint.dcp_reader import layer_blocks, shape_text
 from bam_megatron.checkpoint.dcp_writer import PartWriter, PlannedTensor
 from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
+from bam_megatron.checkpoint.opener import (
+    DEFAULT_OPTIONS,
+    OpenOptions,
+    carry_tokenizer,
+    relative_tokenizer,
+    unverified_inputs,
+)
 from bam_megatron.checkpoint.tool_output import (
     check_free_space,
     check_output,
@@ -48,7 +55,7 @@ from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle import nexus
 from bam_megatron.upcycle.mix import GIB, _Progress
 from bam_megatron.upcycle.plan import CARRIED_ARGS, UpcycleOptions, output_args
-from bam_megatron.upcycle.seeds import SAME_ARGS, Architecture, Seed, check_seeds, open_seed
+from bam_megatron.upcycle.seeds import SAME_ARGS, Architecture, Seed, check_same_tokenizer, check_seeds, open_seed
 
 EXPERT_FC1 = U.LAYER_PREFIX + U.EXPERTS_PREFIX + "linear_fc1.weight"
 
@@ -180,31 +187,31 @@ def _domain(moe: Seed, opts: AddExpertOptions, notes: List[str]) -> Optional[nex
 
 
 def _moe_upcycling(moe: Seed) -> Optional[dict]:
-    from bam_megatron.checkpoint.common import read_common
-
-    up = read_common(moe.ckpt_dir).get("upcycling")
-    return up if isinstance(up, dict) else None
+    return moe.checkpoint.provenance.upcycling
 
 
 def _output_args(moe: Seed, arch: Architecture, n: int, attention_experts: bool) -> dict:
     """The MoE's recorded model and tokenizer arguments (the names a mix records) with the new
-    expert counts."""
+    expert counts; the tokenizer as carried in the output's ``tokenizer/`` folder."""
     keep = set(CARRIED_ARGS) | set(output_args(arch, 2, UpcycleOptions()))
     args = {k: v for k, v in moe.args.items() if k in keep}
+    args.update(relative_tokenizer(moe.checkpoint.tokenizer).as_dict())
     args["num_experts"] = n + 1
     if attention_experts:
         args["bam_attn_experts"] = int(moe.args["bam_attn_experts"]) + 1
     return args
 
 
-def prepare(moe_path: str, dense_path: str, output: str, opts: AddExpertOptions, force: bool = False) -> Extension:
-    """All checks, no writing."""
+def prepare(moe_path: str, dense_path: str, output: str, opts: AddExpertOptions, force: bool = False,
+            options: OpenOptions = DEFAULT_OPTIONS, progress=None) -> Extension:
+    """All checks, no writing (both inputs opened and verified by ``checkpoint/opener``)."""
     check_output(output, [moe_path, dense_path], force, UpcycleError, lambda i: ("MOE_CKPT", "DENSE_CKPT")[i])
-    moe = open_seed(moe_path, 0, label=f"MOE_CKPT ({moe_path})")
-    dense = open_seed(dense_path, 1, label=f"DENSE_CKPT ({dense_path})")
+    moe = open_seed(moe_path, 0, label=f"MOE_CKPT ({moe_path})", options=options, progress=progress)
+    dense = open_seed(dense_path, 1, label=f"DENSE_CKPT ({dense_path})", options=options, progress=progress)
     n = _check_moe(moe)
     arch = check_seeds([dense])
     _check_same_args(moe, dense)
+    check_same_tokenizer([moe, dense])
     attention_experts = int(moe.args.get("bam_attn_experts") or 1) > 1
     attn = arch.attn
     rules = _rules(moe, dense, attn, attention_experts)
@@ -302,6 +309,7 @@ def add_expert(
     sync: bool = True,
     crc32: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    options: OpenOptions = DEFAULT_OPTIONS,
 ) -> AddExpertResult:
     """Write ``moe_path`` + ``dense_path`` as one more expert to ``output``.
 
@@ -309,7 +317,11 @@ def add_expert(
         UpcycleError: bad input, before anything is written.
     """
     start = time.perf_counter()
-    ext = prepare(moe_path, dense_path, output, opts, force)
+    ext = prepare(moe_path, dense_path, output, opts, force, options, progress)
+    unverified = unverified_inputs([ext.moe.checkpoint, ext.dense.checkpoint])
+    if unverified:
+        ext.notes.append("the output records no checksums, since not every input was verified against its own ("
+                         + "; ".join(unverified) + ")")
     output = os.path.abspath(output)
     tmp = new_temporary(output)
     writer, readers = None, []
@@ -317,11 +329,12 @@ def add_expert(
     try:
         writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
         readers = [ext.moe.reader(), ext.dense.reader()]
+        carry_tokenizer(ext.moe.checkpoint.tokenizer, tmp)
         blocks_of = _blocks(ext, readers)
         total = sum(len(b) for b in blocks_of.values()) + len(ext.rules) - len(blocks_of) + 1
         report = _Progress(lambda m: say(m.replace("[upcycle]", "[add-expert]", 1)), total, readers, writer)
         _stream(ext, readers, writer, blocks_of, report)
-        finish_checkpoint(tmp, writer, ext.plan, _common_state(ext, moe_path, dense_path), sync)
+        finish_checkpoint(tmp, writer, ext.plan, _common_state(ext, moe_path, dense_path), sync, checksums=not unverified)
         report(f"merged {writer.num_parts} parts")
         move_into_place(tmp, output, sync)
     except BaseException as exc:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -63,6 +63,13 @@ from bam_megatron.checkpoint.dcp_reader import layer_blocks
 from bam_megatron.checkpoint.dcp_writer import PartWriter
 from bam_megatron.checkpoint.inspection import human_count
 from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
+from bam_megatron.checkpoint.opener import (
+    DEFAULT_OPTIONS,
+    OpenOptions,
+    carry_tokenizer,
+    relative_tokenizer,
+    unverified_inputs,
+)
 from bam_megatron.checkpoint.tool_output import (
     check_free_space,
     check_output,
@@ -84,7 +91,14 @@ from bam_megatron.upcycle.plan import (
     output_args,
     plan_outputs,
 )
-from bam_megatron.upcycle.seeds import Architecture, Seed, attention_expert_problem, check_seeds, open_seed
+from bam_megatron.upcycle.seeds import (
+    Architecture,
+    Seed,
+    attention_expert_problem,
+    check_same_tokenizer,
+    check_seeds,
+    open_seed,
+)
 
 GIB = 1024**3
 
@@ -151,23 +165,42 @@ class UpcycleResult:
     seconds: float = 0.0
     write_seconds: float = 0.0
     domains: Optional[nexus.DomainEmbeddings] = None  # the Nexus router's, in expert order
+    notes: List[str] = field(default_factory=list)  # what the summary must say (unverified inputs, tokenizer)
 
 
-def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False):
+def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force: bool = False,
+            options: OpenOptions = DEFAULT_OPTIONS, progress=None):
     """All checks, no writing: returns ``(seeds, arch, plan, args, weights, domains)`` (``domains``:
-    the Nexus router's domain embeddings, else ``None``)."""
+    the Nexus router's domain embeddings, else ``None``). Every seed is opened (and its files
+    verified) by ``checkpoint/opener``; the recorded tokenizer is seed 0's, carried in the
+    output's ``tokenizer/`` folder."""
     weights = check_options(len(seed_paths), opts)
     check_output(output, seed_paths, force, UpcycleError, lambda i: f"seed {i}")
-    seeds = [open_seed(p, i) for i, p in enumerate(seed_paths)]
+    seeds = [open_seed(p, i, options=options, progress=progress) for i, p in enumerate(seed_paths)]
     arch = check_seeds(seeds)
+    check_same_tokenizer(seeds)
     problem = attention_expert_problem(arch) if opts.mode != "merged" else None
     if problem:
         raise UpcycleError(problem)
     domains = _nexus_domains(opts, len(seeds))
     plan = plan_outputs(arch, len(seeds), opts, domains)
     args = output_args(arch, len(seeds), opts, domains)
+    args.update(relative_tokenizer(seeds[0].checkpoint.tokenizer).as_dict())
     check_free_space(output, sum(t.nbytes for t in plan.values()), UpcycleError)
     return seeds, arch, plan, args, weights, domains
+
+
+def _input_notes(inputs) -> List[str]:
+    """What the output cannot vouch for: unverified inputs (it then records no checksums) and a
+    tokenizer whose files were not found (recorded as it was)."""
+    notes = []
+    unverified = unverified_inputs(inputs)
+    if unverified:
+        notes.append("the output records no checksums, since not every input was verified against its own ("
+                     + "; ".join(unverified) + ")")
+    if inputs[0].tokenizer_problem:
+        notes.append(f"{inputs[0].tokenizer_problem}: the output records the tokenizer as seed 0 did")
+    return notes
 
 
 def _nexus_domains(opts: UpcycleOptions, n: int):
@@ -324,6 +357,7 @@ def upcycle(
     sync: bool = True,
     crc32: bool = False,
     progress: Optional[Callable[[str], None]] = None,
+    options: OpenOptions = DEFAULT_OPTIONS,
 ) -> UpcycleResult:
     """Write the BAM checkpoint of ``seed_paths`` (expert order: seed first) to ``output``.
 
@@ -331,7 +365,8 @@ def upcycle(
         UpcycleError: bad input, before anything is written.
     """
     start = time.perf_counter()
-    seeds, arch, plan, args, weights, domains = prepare(seed_paths, output, opts, force)
+    seeds, arch, plan, args, weights, domains = prepare(seed_paths, output, opts, force, options, progress)
+    notes = _input_notes([s.checkpoint for s in seeds])
     n = len(seeds)
     output = os.path.abspath(output)
     tmp = new_temporary(output)
@@ -340,7 +375,8 @@ def upcycle(
         writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
         readers = [s.reader() for s in seeds]
         result = UpcycleResult(output, iteration_dir(output, 0), seeds, arch, plan, args,
-                               count_parameters(plan, n, args), weights, opts, domains=domains)
+                               count_parameters(plan, n, args), weights, opts, domains=domains, notes=notes)
+        carry_tokenizer(seeds[0].checkpoint.tokenizer, tmp)
         blocks_of = {
             key: layer_blocks(arch.num_layers, [r.chunks(s.tensors[key].source_key) for s, r in zip(seeds, readers)])
             for key in arch.layer_keys
@@ -353,7 +389,7 @@ def upcycle(
         result.router_std = _write_routers(arch, n, opts, plan, writer, result.domains)
         report("routers")
         common = _common_state(args, seeds, weights, opts, result.router_std, result.domains)
-        finish_checkpoint(tmp, writer, plan, common, sync)
+        finish_checkpoint(tmp, writer, plan, common, sync, checksums=not unverified_inputs([s.checkpoint for s in seeds]))
         report(f"merged {writer.num_parts} parts")
         move_into_place(tmp, output, sync)
     except BaseException as exc:
@@ -417,4 +453,5 @@ def format_summary(result: UpcycleResult) -> str:
         f"  read {result.bytes_read / GIB:.2f} GiB, wrote {result.bytes_written / GIB:.2f} GiB in "
         f"{result.num_parts} parts, {result.seconds:.1f} s"
     )
+    lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)

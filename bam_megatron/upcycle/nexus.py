@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from bam_megatron.checkpoint.opener.unpickle import load_torch
 from bam_megatron.errors import UpcycleError, one_line
 from bam_megatron.upcycle import mapping as U
 
@@ -86,8 +87,8 @@ def load_domain_embeddings(path: str) -> DomainEmbeddings:
     if not os.path.isfile(path):
         raise UpcycleError(f"domain embeddings {path} do not exist; {fix}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+        data = load_torch(path, path)
+    except Exception as exc:  # refused or damaged: the message says which
         raise UpcycleError(f"cannot read domain embeddings {path} ({one_line(exc)}); {fix}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UpcycleError(f"{path} is not a domain-embeddings file; {fix}")

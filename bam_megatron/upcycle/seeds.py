@@ -8,17 +8,16 @@ anything is written.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from bam_megatron.checkpoint.common import plain_args, read_common
-from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, read_metadata, shape_text
-from bam_megatron.checkpoint.layout import DCP_METADATA_FILE, resolve_checkpoint_dir
-from bam_megatron.errors import CheckpointError, UpcycleError, one_line
+from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, shape_text
+from bam_megatron.checkpoint.opener import DEFAULT_OPTIONS, Checkpoint, OpenOptions, open_checkpoint, tensor_reader
+from bam_megatron.data.tokenizer_files import files_of
+from bam_megatron.errors import CheckpointError, UpcycleError
 from bam_megatron.upcycle import mapping as U
 
 # Megatron-LM options that change what the seed's tensors mean and that the BAM model lacks.
@@ -52,45 +51,45 @@ class Seed:
 
     index: int
     path: str
-    ckpt_dir: str
-    args: dict
-    iteration: Optional[int]
+    checkpoint: Checkpoint = field(repr=False)  # opened: verified, read without running code
+    args: dict  # recorded arguments, the model's as the opener read them (Megatron-LM's made ours)
     tensors: Dict[str, SeedTensor]
-    metadata: Metadata = field(repr=False)
     label: Optional[str] = None  # how messages name it (default "seed <index> (<path>)")
 
     @property
     def name(self) -> str:
         return self.label or f"seed {self.index} ({self.path})"
 
+    @property
+    def ckpt_dir(self) -> str:
+        return self.checkpoint.dir
+
+    @property
+    def iteration(self) -> Optional[int]:
+        return self.checkpoint.iteration if "iteration" in self.checkpoint.common else None
+
     def reader(self) -> CheckpointReader:
-        return CheckpointReader(self.ckpt_dir, self.metadata)
+        return tensor_reader(self.checkpoint)
 
 
-def open_seed(path: str, index: int, label: Optional[str] = None) -> Seed:
-    """Open (and check) one input checkpoint; reads only its indexes, no tensor data. ``label``
-    names it in messages (default ``seed <index> (<path>)``)."""
+def open_seed(path: str, index: int, label: Optional[str] = None, options: OpenOptions = DEFAULT_OPTIONS,
+              progress=None) -> Seed:
+    """Open (and check) one input checkpoint: its files verified against their checksums before
+    anything is read (``checkpoint/opener``), its indexes read. ``label`` names it in messages
+    (default ``seed <index> (<path>)``)."""
     what = label or f"seed {index} ({path})"
     try:
-        ckpt = resolve_checkpoint_dir(path, what)
+        ckpt = open_checkpoint(path, what=what, options=options, tensors="verify", progress=progress)
     except CheckpointError as exc:
-        raise UpcycleError(str(exc)) from None
-    try:
-        metadata = read_metadata(ckpt)
-    except Exception as exc:
-        raise UpcycleError(f"{what}: cannot read {os.path.join(ckpt, DCP_METADATA_FILE)} ({one_line(exc)}); the checkpoint is damaged or not torch_dist") from None
-    try:
-        common = read_common(ckpt)
-    except CheckpointError as exc:
-        raise UpcycleError(f"{what}: {exc}") from None
-    args = plain_args(common.get("args"))
-    if not args:
+        raise UpcycleError(f"{what}: {exc}" if not str(exc).startswith(what) else str(exc)) from None
+    args = {**ckpt.recorded_args, **{n: getattr(ckpt.model, n) for n in ckpt.known_model_args}}
+    if not ckpt.recorded_args:
         raise UpcycleError(
             f"{what} records no model arguments (common state 'args'); pass a checkpoint written "
             "by pretrain_bam.py or Megatron-LM"
         )
     tensors: Dict[str, SeedTensor] = {}
-    for key, md in metadata.state_dict_metadata.items():
+    for key, md in ckpt.metadata.state_dict_metadata.items():
         if not isinstance(md, TensorStorageMetadata) or not is_model_entry(key):
             continue
         canonical = U.canonical_key(key)
@@ -99,8 +98,27 @@ def open_seed(path: str, index: int, label: Optional[str] = None) -> Seed:
         tensors[canonical] = SeedTensor(key, tuple(int(x) for x in md.size), md.properties.dtype)
     if not tensors:
         raise UpcycleError(f"{what} holds no model tensors")
-    iteration = common.get("iteration")
-    return Seed(index, path, ckpt, args, int(iteration) if isinstance(iteration, int) else None, tensors, metadata, label)
+    return Seed(index, path, ckpt, args, tensors, label)
+
+
+def check_same_tokenizer(seeds: Sequence[Seed]) -> None:
+    """Seeds whose tokenizer files are at hand carry the same files (a mix of models trained
+    with different tokenizers is meaningless)."""
+    import filecmp
+
+    first = files_of(seeds[0].checkpoint.tokenizer)
+    if first is None:
+        return
+    for seed in seeds[1:]:
+        other = files_of(seed.checkpoint.tokenizer)
+        if other is None:
+            continue
+        for name in first.main:
+            if name in other.files and not filecmp.cmp(first.files[name], other.files[name], shallow=False):
+                raise UpcycleError(
+                    f"{seed.name} was trained with another tokenizer than seed 0 ({other.files[name]} differs from "
+                    f"{first.files[name]}); mix checkpoints that share one tokenizer"
+                )
 
 
 @dataclass

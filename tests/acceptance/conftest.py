@@ -12,7 +12,7 @@ import torch
 from support.training import GOOD_ARGS, GOOD_ITERS, aux_log
 
 from bam_megatron import training
-from bam_megatron.checkpoint.layout import read_tracker
+from bam_megatron.checkpoint.opener import read_tracker
 
 # ------------------------------------------------------------------------------------ fixtures
 

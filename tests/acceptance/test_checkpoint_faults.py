@@ -28,8 +28,9 @@ from support.training import (
 
 from bam_megatron import training
 from bam_megatron.checkpoint import save as save_module
-from bam_megatron.checkpoint.layout import TRACKER, iteration_dir, read_tracker, resolve_checkpoint_dir
+from bam_megatron.checkpoint.layout import TRACKER, iteration_dir
 from bam_megatron.checkpoint.lock import LOCK_FILE
+from bam_megatron.checkpoint.opener import read_tracker, resolve_checkpoint_dir
 from bam_megatron.cli import inspect_checkpoint
 
 HALF = GOOD_ITERS // 2

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from support import REPO_ROOT as ROOT  # noqa: E402
+from support.checkpoints import common_state
 
-from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
 
 STAGES = ["mixed and trained (before adding)", "+ math expert (after adding)", "+ math expert, fine-tuned",
           "fine-tuned without the new expert"]
@@ -29,7 +29,7 @@ def test_nexus_example_runs_and_prints_its_table(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     def args(name):
-        return read_common(resolve_checkpoint_dir(str(out / name)))["args"]
+        return common_state(resolve_checkpoint_dir(str(out / name)))["args"]
 
     # The mixes differ only in the FFN router; adding the math expert grows both kinds of experts.
     for router in ("nexus", "linear"):
@@ -38,7 +38,7 @@ def test_nexus_example_runs_and_prints_its_table(tmp_path):
         assert (mixed["num_experts"], mixed["bam_attn_experts"]) == (3, 4)
         assert (added["num_experts"], added["bam_attn_experts"]) == (4, 5)
         for name, iters in ((f"moe_{router}", 6), (f"ft_{router}_plus_math", 4), (f"ft_{router}", 4)):
-            assert read_common(resolve_checkpoint_dir(str(out / name)))["iteration"] == iters, name
+            assert common_state(resolve_checkpoint_dir(str(out / name)))["iteration"] == iters, name
     assert (out / "domain_embeddings.pt").is_file()
 
     # The table: every row, finite perplexities, and the comparisons.

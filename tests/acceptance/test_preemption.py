@@ -31,7 +31,7 @@ from support.training import (
 )
 
 from bam_megatron import training
-from bam_megatron.checkpoint.layout import read_tracker
+from bam_megatron.checkpoint.opener import read_tracker
 
 ITERS = 12
 ARGS = TINY + NO_DROPOUT + BAM + MOCK + ["--train-iters", str(ITERS)]

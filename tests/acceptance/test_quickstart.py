@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from support import REPO_ROOT as ROOT  # noqa: E402
+from support.checkpoints import common_state
 
-from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir as resolve_load_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir as resolve_load_dir
 from bam_megatron.checkpoint.weights import read_global_tensors
 
 ROWS = ["seed", "code expert", "legal expert", "math expert", "dense continued", "BTX", "BAM shared KV", "BAM KV experts"]
@@ -31,20 +31,20 @@ def test_quickstart_pipeline(tmp_path):
     # Every stage left a complete checkpoint at its last iteration.
     for name, iters in [("seed", 12), ("expert_code", 6), ("expert_legal", 6), ("expert_math", 6),
                         ("bam_kv_experts", 6), ("bam_shared_kv", 6), ("btx", 6), ("dense_continued", 6)]:
-        common = read_common(resolve_load_dir(str(out / name)))
+        common = common_state(resolve_load_dir(str(out / name)))
         assert common["iteration"] == iters, name
     # The mixes have the expected experts.
     kv = read_global_tensors(resolve_load_dir(str(out / "upcycled_bam_kv_experts")))
     assert kv["decoder.layers.self_attention.linear_qkv.weight"].shape[1] == 4
-    shared = read_common(resolve_load_dir(str(out / "upcycled_bam_shared_kv")))["args"]
+    shared = common_state(resolve_load_dir(str(out / "upcycled_bam_shared_kv")))["args"]
     assert shared["bam_kv_sharing"] and shared["bam_attn_experts"] == 4
-    btx = read_common(resolve_load_dir(str(out / "upcycled_btx")))["args"]
+    btx = common_state(resolve_load_dir(str(out / "upcycled_btx")))["args"]
     assert btx["bam_attn_experts"] == 1 and btx["num_experts"] == 4
     # The experts' names, recorded by the upcycle tool, survive training.
     for name in ("upcycled_bam_kv_experts", "bam_kv_experts", "btx"):
-        upcycling = read_common(resolve_load_dir(str(out / name)))["upcycling"]
+        upcycling = common_state(resolve_load_dir(str(out / name)))["upcycling"]
         assert upcycling["expert_names"] == ["seed", "code", "legal", "math"], name
-    assert read_common(resolve_load_dir(str(out / "dense_continued")))["args"].get("num_experts") is None
+    assert common_state(resolve_load_dir(str(out / "dense_continued")))["args"].get("num_experts") is None
 
     # The results table has every row, perplexity per domain and accuracy per task.
     table = (out / "results" / "results.md").read_text()
@@ -85,5 +85,5 @@ def test_quickstart_pipeline(tmp_path):
     assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
     for name in ("bam_kv_experts", "bam_shared_kv", "btx", "dense_continued"):
         assert f"loaded {out / name}/iter_0000006 at iteration 6" in more.stdout, name
-        assert read_common(resolve_load_dir(str(out / name)))["iteration"] == 8, name
+        assert common_state(resolve_load_dir(str(out / name)))["iteration"] == 8, name
     assert more.stdout.count("skipping") >= 7  # seed, experts and mixes are not redone

@@ -33,7 +33,7 @@ from support.training import (
 )
 
 from bam_megatron import training
-from bam_megatron.checkpoint.layout import read_tracker
+from bam_megatron.checkpoint.opener import read_tracker
 
 DENSE = TINY + NO_DROPOUT + MOCK
 

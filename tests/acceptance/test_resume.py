@@ -37,8 +37,9 @@ from support.training import (
 )
 
 from bam_megatron import training
-from bam_megatron.checkpoint.layout import TRACKER, read_tracker
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir as resolve_load_dir
+from bam_megatron.checkpoint.layout import TRACKER
+from bam_megatron.checkpoint.opener import read_tracker
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir as resolve_load_dir
 
 # ------------------------------------------------------------------------------------ 2. torchrun
 

@@ -32,6 +32,7 @@ import struct
 
 import pytest
 import torch
+from support.checkpoints import common_state
 from support.training import (
     BAM,
     GOOD_ARGS,
@@ -52,9 +53,8 @@ from support.training import (
 )
 
 from bam_megatron import training
-from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.layout import read_tracker
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir as resolve_load_dir
+from bam_megatron.checkpoint.opener import read_tracker
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir as resolve_load_dir
 
 # ------------------------------------------------------------------------------------ 1. learning
 
@@ -295,7 +295,7 @@ def test_finetune_starts_fresh_and_keeps_last_checkpoints(good, tmp_path, capsys
 
     assert iter_dirs(branch) == [f"iter_{steps - 1:07d}", f"iter_{steps:07d}"]
     assert read_tracker(branch) == steps
-    common = read_common(os.path.join(branch, f"iter_{steps:07d}"))
+    common = common_state(os.path.join(branch, f"iter_{steps:07d}"))
     assert common["iteration"] == steps
     assert common["consumed_train_samples"] == steps * 8
     assert common["opt_param_scheduler"]["num_steps"] == steps * 8

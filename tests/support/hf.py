@@ -69,31 +69,24 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def load_ours(ckpt: str):
-    """Our model rebuilt from ``ckpt``'s recorded arguments (``--use-checkpoint-args``) with its
-    weights loaded; call inside a process group (``single_process``)."""
-    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+    """Our model rebuilt from ``ckpt``'s recorded arguments (as every program reads them: the
+    opener) with its weights loaded; call inside a process group (``single_process``)."""
+    from bam_megatron.checkpoint.opener import open_checkpoint
     from bam_megatron.checkpoint.weights import load_model_weights
     from bam_megatron.model.build import build_bam_model
-    from bam_megatron.training import arguments
-    from bam_megatron.training.checkpoint_args import merge_checkpoint_args, saved_model_args
-    from bam_megatron.training.configs import bam_config_from_args, transformer_config_from_args
-
-    parser = arguments.build_parser()
-    args = parser.parse_args(["--load", ckpt, "--use-checkpoint-args", "--skip-train", "--mock-data",
-                              "--hidden-dropout", "0", "--attention-dropout", "0"])
-    saved = saved_model_args(resolve_checkpoint_dir(ckpt))
-    merge_checkpoint_args(args, resolve_checkpoint_dir(ckpt), parser.get_default, log=lambda _line: None)
-    args.tokenizer_type, args.vocab_size = "NullTokenizer", 8  # the weights are the point here
-    arguments.finalize_args(args, parser)
-    args.padded_vocab_size = saved["padded_vocab_size"]
-    model = build_bam_model(
-        transformer_config_from_args(args), bam_config_from_args(args), vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base, parallel_output=False,
+    from bam_megatron.training.configs import (
+        ComputeSettings,
+        ParallelLayout,
+        bam_config_from_args,
+        gpt_model_kwargs,
+        transformer_config,
     )
-    load_model_weights(model, resolve_checkpoint_dir(ckpt))
+
+    opened = open_checkpoint(ckpt, tensors="defer")
+    args = opened.require_model_args().replace(hidden_dropout=0.0, attention_dropout=0.0)
+    model = build_bam_model(transformer_config(args, ParallelLayout(), ComputeSettings()), bam_config_from_args(args),
+                            **gpt_model_kwargs(args), parallel_output=False)
+    load_model_weights(model, opened)
     model.eval()
     return model
 

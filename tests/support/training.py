@@ -14,8 +14,8 @@ import sys
 import time
 
 from bam_megatron import training
-from bam_megatron.checkpoint.common import read_common
 from support import REPO_ROOT as ROOT  # noqa: E402
+from support.checkpoints import common_state
 
 SCRIPT = os.path.join(ROOT, "pretrain_bam.py")
 
@@ -125,7 +125,7 @@ def assert_complete(ckpt_dir: str) -> None:
     for name in ("metadata.json", ".metadata", "common.pt"):
         assert os.path.isfile(os.path.join(ckpt_dir, name)), f"{ckpt_dir} lacks {name}"
     assert glob.glob(os.path.join(ckpt_dir, "*.distcp")), f"{ckpt_dir} has no tensor files"
-    assert int(read_common(ckpt_dir)["iteration"]) == int(os.path.basename(ckpt_dir)[len("iter_"):])
+    assert int(common_state(ckpt_dir)["iteration"]) == int(os.path.basename(ckpt_dir)[len("iter_"):])
 
 
 def error_lines(err: str) -> list:

@@ -7,11 +7,11 @@ one-process logits for the pipeline, whose stages hold no full model).
 """
 
 import pytest
+from support.checkpoints import index_of
 from support.dist_harness import run_distributed
 from support.hf import hf_logits, our_logits, tokens
 from support.hf_cases import EXPORT_CASES, build_and_save, load_export
 
-from bam_megatron.checkpoint.dcp_reader import read_metadata
 from bam_megatron.hf.exporter import ExportOptions, hf_export
 
 TOL = 1e-4
@@ -61,7 +61,7 @@ def test_export_of_checkpoints_saved_at_tp2_ep2_and_pp2(single_process, tmp_path
     assert (got - one_process["bam-shared-kv"]).abs().max().item() <= TOL
     for case in DENSE + MOE:
         assert (four[case] - one_process[case]).abs().max().item() <= TOL, case
-        chunks = read_metadata(str(tmp_path / f"{case}-4" / "iter_0000000")).state_dict_metadata[PROJ].chunks
+        chunks = index_of(str(tmp_path / f"{case}-4" / "iter_0000000")).state_dict_metadata[PROJ].chunks
         assert len(chunks) >= 2 * 2, case  # 2 layers, each split over TP (and EP) by the 4-process save
         result = hf_export(str(tmp_path / f"{case}-4"), str(tmp_path / f"{case}-hf"), ExportOptions())
         assert result.architecture == EXPORT_CASES[case][3]

@@ -10,11 +10,11 @@ import os
 
 import pytest
 import torch
+from support.checkpoints import common_state
 from support.hf import VOCAB, hf_logits, load_ours, make_hf_model, our_logits, tokens
 from support.hf_cases import IMPORT_CASES
 
-from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
 from bam_megatron.cli import hf_import as cli
 from bam_megatron.hf.importer import ImportOptions, hf_import
 
@@ -39,7 +39,7 @@ def test_cli_records_model_and_tokenizer(hf_models, tmp_path, capsys):
     assert cli.main([folder, "--output", str(out), "--seq-length", "64"]) == 0
     captured = capsys.readouterr()
     assert "imported CohereForCausalLM" in captured.out and "[hf_import]" in captured.err
-    args = read_common(resolve_checkpoint_dir(str(out)))["args"]
+    args = common_state(resolve_checkpoint_dir(str(out)))["args"]
     assert args["tokenizer_type"] == "HuggingFaceTokenizer" and args["tokenizer_model"] == "tokenizer/tokenizer.json"
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "tokenizer" / "tokenizer_config.json").is_file()
     assert args["rotary_interleaved"] and not args["bam_sequential_block"] and args["normalization"] == "LayerNorm"

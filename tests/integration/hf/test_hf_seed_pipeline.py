@@ -44,8 +44,9 @@ def test_four_identical_imported_seeds_upcycled_and_exported_give_the_seed(hf_mo
 def test_imported_seed_trains_with_its_recorded_arguments(hf_models, tmp_path):
     """``--use-checkpoint-args`` takes the model, the tokenizer (copied beside the checkpoint,
     recorded relative to it) and no-dropout from the import; the result exports again."""
-    from bam_megatron.checkpoint.common import read_common
-    from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+    from support.checkpoints import common_state
+
+    from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
     from bam_megatron.training import pretrain
 
     folder, _ = hf_models["qwen3"]
@@ -58,7 +59,7 @@ def test_imported_seed_trains_with_its_recorded_arguments(hf_models, tmp_path):
         "--eval-interval", "1000", "--log-interval", "1",
     ])
     assert summary["iteration"] == 2 and torch.isfinite(torch.tensor(summary["valid"]["valid"]))
-    args = read_common(resolve_checkpoint_dir(trained))["args"]
+    args = common_state(resolve_checkpoint_dir(trained))["args"]
     assert args["tokenizer_type"] == "HuggingFaceTokenizer" and args["hidden_dropout"] == 0.0
     result = hf_export(trained, str(tmp_path / "hf"), ExportOptions())
     assert result.architecture == "Qwen3ForCausalLM" and "tokenizer.json" in result.files

@@ -12,11 +12,11 @@ import shutil
 
 import pytest
 import torch
+from support.checkpoints import common_state
 from support.training import torchrun, train_log
 
-from bam_megatron.checkpoint.common import read_common
 from bam_megatron.checkpoint.dcp_reader import is_model_entry
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
 from bam_megatron.checkpoint.weights import read_global_tensors, save_global_tensors
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle.mapping import AttentionShape, average, split_qkv
@@ -85,7 +85,7 @@ def test_nexus_bam_gets_the_dense_expert_and_its_projected_router_entry(dense_mo
     torch.testing.assert_close(router[:, 3], moe_t[U.ATTN_ROUTER_KEY].mean(dim=1))
     _check_merged(out_t, moe_t, dense_t, 0.25, MERGED)
 
-    common = read_common(resolve_checkpoint_dir(str(out)))
+    common = common_state(resolve_checkpoint_dir(str(out)))
     args = common["args"]
     assert args["num_experts"] == 3 and args["bam_attn_experts"] == 4 and args["moe_router_type"] == "nexus"
     from bam_megatron.training.arguments import MODEL_ARGS
@@ -130,7 +130,7 @@ def test_output_fine_tunes_at_an_ep_size_dividing_only_the_new_count(dense_model
     m = dense_models
     moe = _upcycle(capsys, tmp_path / "moe", [m["seed"], m["b"], m["c"], m["d"]], "--attention-experts", "merged",
                    "--router", "nexus", "--domain-embeddings", domain_file, "--domains", "b,c,d")
-    assert read_common(resolve_checkpoint_dir(str(moe)))["args"]["num_experts"] == 3
+    assert common_state(resolve_checkpoint_dir(str(moe)))["args"]["num_experts"] == 3
     out = tmp_path / "plus_e"
     rc, stdout, err = _run(add_cli, [moe, m["e"], "--domain-embedding", domain_file, "--domain", "e", "-o", out], capsys)
     assert rc == 0, err

@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from support.checkpoints import common_state
 
-from bam_megatron.checkpoint.common import read_common
 from bam_megatron.checkpoint.dcp_reader import is_model_entry
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
 from bam_megatron.checkpoint.weights import read_global_tensors
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle.nexus import load_domain_embeddings
@@ -134,7 +134,7 @@ def test_nexus_mix_tensors_and_recorded_arguments(dense_models, domain_file, tmp
     assert torch.equal(out_t[U.NEXUS_DOMAIN_KEY], file.select(["c", "b"]).embeddings.expand(2, 2, 64))
     assert out_t[U.NEXUS_FC1_KEY].shape == (2, 96, 64) and out_t[U.NEXUS_FC2_KEY].shape == (2, 64, 48)
 
-    common = read_common(resolve_checkpoint_dir(str(out)))
+    common = common_state(resolve_checkpoint_dir(str(out)))
     args, up = common["args"], common["upcycling"]
     assert args["moe_router_type"] == "nexus" and args["num_experts"] == 2 and args["bam_attn_experts"] == 3
     assert (args["nexus_domain_size"], args["nexus_projection_size"], args["moe_shared_expert_intermediate_size"]) == (64, 48, 128)
@@ -156,7 +156,7 @@ def test_linear_router_with_a_shared_expert(dense_models, tmp_path, capsys):
     assert rc == 0, err
     out_t = _tensors(out)
     assert out_t[U.FFN_ROUTER_KEY].shape == (2, 2, 64) and U.SHARED_FC1_KEY in out_t and U.NEXUS_DOMAIN_KEY not in out_t
-    args = read_common(resolve_checkpoint_dir(str(out)))["args"]
+    args = common_state(resolve_checkpoint_dir(str(out)))["args"]
     assert args["moe_router_type"] == "linear" and args["moe_shared_expert_intermediate_size"] == 128 and args["num_experts"] == 2
 
 

@@ -8,7 +8,6 @@ the upcycled checkpoints are evaluated through ``pretrain_bam.py --skip-train --
 from __future__ import annotations
 
 import argparse
-import enum
 import importlib.util
 import json
 import os
@@ -19,12 +18,14 @@ import sys
 
 import pytest
 import torch
+from megatron.core.transformer.enums import AttnBackend
 from support import REPO_ROOT as ROOT  # noqa: E402
+from support.checkpoints import common_state, index_of
 
-from bam_megatron.checkpoint.common import read_common
-from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, layer_blocks, read_metadata
+from bam_megatron.checkpoint import integrity
+from bam_megatron.checkpoint.dcp_reader import CheckpointReader, is_model_entry, layer_blocks
 from bam_megatron.checkpoint.dcp_writer import PartWriter
-from bam_megatron.checkpoint.layout import resolve_checkpoint_dir
+from bam_megatron.checkpoint.opener import resolve_checkpoint_dir
 from bam_megatron.checkpoint.weights import read_global_tensors, save_global_tensors
 from bam_megatron.upcycle.mapping import AttentionShape, average, split_qkv, upcycle_state
 from bam_megatron.upcycle.mix import upcycle
@@ -41,11 +42,6 @@ MODEL = [
 DATA = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "128", "--mock-data", "--seed", "1234"]
 EVAL = DATA + ["--eval-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "4"]
 
-
-class AttnBackend(enum.Enum):
-    """Megatron-LM pickles enums like this one in its recorded arguments."""
-
-    auto = 5
 
 
 def _save_global(tensors, path):
@@ -196,9 +192,9 @@ def test_distinct_seeds_experts_are_copies_and_the_rest_is_the_mean(seeds, tmp_p
     assert len([f for f in os.listdir(ckpt) if f.endswith(".distcp")]) > 3
     assert sorted(os.listdir(out)) == ["iter_0000000", "latest_checkpointed_iteration.txt"]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
-    common = read_common(ckpt)
+    common = common_state(ckpt)
     assert common["iteration"] == 0 and "layout" not in common and "rng_state" not in common
-    assert not any(k.startswith(("optimizer", "rng_state")) for k in read_metadata(ckpt).state_dict_metadata)
+    assert not any(k.startswith(("optimizer", "rng_state")) for k in index_of(ckpt).state_dict_metadata)
     args = common["args"]
     from bam_megatron.training.arguments import MODEL_ARGS
 
@@ -233,7 +229,7 @@ def test_irregular_seed_chunks_and_transformer_engine_names(seeds, tmp_path, cap
     shutil.copy(os.path.join(ckpt, "common.pt"), odd / "common.pt")
     shutil.copy(os.path.join(ckpt, "metadata.json"), odd / "metadata.json")
     (tmp_path / "odd" / "latest_checkpointed_iteration.txt").write_text("2")
-    assert len(read_metadata(str(odd)).state_dict_metadata[LP + "mlp.linear_fc1.weight"].chunks) == 3
+    assert len(index_of(str(odd)).state_dict_metadata[LP + "mlp.linear_fc1.weight"].chunks) == 3
 
     # Megatron-LM with Transformer Engine: fused-norm names, arguments as a Namespace.
     te = tmp_path / "te" / "iter_0000010"
@@ -244,7 +240,7 @@ def test_irregular_seed_chunks_and_transformer_engine_names(seeds, tmp_path, cap
         renamed[key] = t
     _save_global(renamed, te)
 
-    saved_args = read_common(ckpt)["args"]
+    saved_args = common_state(ckpt)["args"]
     ns = argparse.Namespace(**{k: saved_args[k] for k in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
         "max_position_embeddings", "swiglu", "normalization", "norm_epsilon", "position_embedding_type",
@@ -265,7 +261,7 @@ def test_irregular_seed_chunks_and_transformer_engine_names(seeds, tmp_path, cap
         assert sorted(outs[name]) == sorted(outs["plain"])
         for key, value in outs["plain"].items():
             assert torch.equal(outs[name][key], value), (name, key)
-    args = read_common(str(tmp_path / "bam_te" / "iter_0000000"))["args"]
+    args = common_state(str(tmp_path / "bam_te" / "iter_0000000"))["args"]
     assert args["bam_sequential_block"] is True and args["num_query_groups"] == 2
 
 
@@ -312,11 +308,15 @@ def test_cli_output_loads_at_every_layout(seeds, tmp_path):
 # ------------------------------------------------------------------------------ bad input
 
 
-def _damaged(tmp_path, seeds):
-    d = tmp_path / "damaged"
+def _damaged(tmp_path, seeds, checksums=False):
+    """A seed whose index is not a pickle (without its checksums: foreign or older; with them:
+    caught by the checksums first)."""
+    d = tmp_path / ("damaged" + "-checksums" * checksums)
     shutil.copytree(seeds["a"], d)
     ckpt = d / "iter_0000002"
     (ckpt / ".metadata").write_bytes(b"not a pickle")
+    if not checksums:
+        (ckpt / "checksums.json").unlink()
     return d
 
 
@@ -326,7 +326,7 @@ def _other_shape(tmp_path, seeds):
     t[LP + "mlp.linear_fc1.weight"] = t[LP + "mlp.linear_fc1.weight"][:, :192].contiguous()
     d = tmp_path / "other" / "iter_0000001"
     _save_global(t, d)
-    common = read_common(resolve_checkpoint_dir(seeds["a"], "a"))
+    common = common_state(resolve_checkpoint_dir(seeds["a"], "a"))
     torch.save({"args": common["args"], "iteration": 1}, d / "common.pt")
     return d
 
@@ -335,9 +335,11 @@ def _other_heads(tmp_path, seeds):
     d = tmp_path / "heads"
     shutil.copytree(seeds["b"], d)
     common_path = d / "iter_0000002" / "common.pt"
-    common = read_common(str(d / "iter_0000002"))
+    common = common_state(str(d / "iter_0000002"))
     common["args"]["num_attention_heads"] = 8
     torch.save(common, common_path)
+    ckpt = str(d / "iter_0000002")
+    integrity.write_manifest(ckpt, integrity.checksum_files(ckpt, integrity.checkpoint_files(ckpt)))
     return d
 
 
@@ -346,6 +348,8 @@ BAD_INPUTS = {
     "missing seed": (lambda tp, s, o: ["-o", o, s["a"], tp / "nope"], "seed 1 (" ),
     "not a checkpoint": (lambda tp, s, o: (os.makedirs(tp / "empty"), ["-o", o, s["a"], tp / "empty"])[1], "is not a torch_dist checkpoint"),
     "damaged checkpoint": (lambda tp, s, o: ["-o", o, s["a"], _damaged(tp, s)], "cannot read"),
+    "damaged checkpoint with checksums": (lambda tp, s, o: ["-o", o, s["a"], _damaged(tp, s, checksums=True)],
+                                          "(truncated or replaced)"),
     "different shapes": (lambda tp, s, o: ["-o", o, s["a"], s["b"], _other_shape(tp, s)], "has shape [2, 192, 64] there and [2, 256, 64] in seed 0"),
     "different heads": (lambda tp, s, o: ["-o", o, s["a"], _other_heads(tp, s)], "--num-attention-heads is 8 there and 4 in seed 0"),
     "different block type": (lambda tp, s, o: ["-o", o, s["a"], s["s"]], "does not match seed 0"),
@@ -475,7 +479,7 @@ def test_recorded_training_settings_reach_the_mix_run(seeds, tmp_path, capsys):
     rc, _out, err = _run_cli(["-o", out, "--moe-aux-loss-coeff", "0.02", "--moe-z-loss-coeff", "0.003", "-q",
                               seeds["a"], seeds["b"]], capsys)
     assert rc == 0, err
-    args = read_common(resolve_checkpoint_dir(str(out)))["args"]
+    args = common_state(resolve_checkpoint_dir(str(out)))["args"]
     assert args["hidden_dropout"] == 0.0 and args["attention_dropout"] == 0.0  # the seeds'
     assert args["moe_aux_loss_coeff"] == 0.02 and args["moe_z_loss_coeff"] == 0.003
     assert args["tokenizer_type"] == "NullTokenizer" and args["vocab_size"] == 128

@@ -3,32 +3,27 @@ Namespace; the model and tokenizer restored, replaced command-line values named,
 copied beside the checkpoint found there, training settings taken unless given."""
 
 import argparse
-import enum
 import os
 
-import torch
+import pytest
+from megatron.core.transformer.enums import AttnBackend
+from support.checkpoints import write_checkpoint
 
+from bam_megatron.checkpoint.opener import open_checkpoint
+from bam_megatron.errors import CheckpointError
 from bam_megatron.training.arguments import build_parser
 from bam_megatron.training.checkpoint_args import merge_checkpoint_args
 
 
-class Backend(enum.Enum):
-    auto = 1
-
-
 def _checkpoint(root, args) -> str:
-    ckpt = os.path.join(root, "iter_0000010")
-    os.makedirs(ckpt)
-    torch.save({"args": args, "iteration": 10}, os.path.join(ckpt, "common.pt"))
-    open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w").write("10")
-    return ckpt
+    return write_checkpoint(root, {"args": args, "iteration": 10})
 
 
 def _merge(argv, ckpt):
     parser = build_parser()
     args = parser.parse_args(argv)
     log = []
-    merge_checkpoint_args(args, ckpt, parser.get_default, log=log.append)
+    merge_checkpoint_args(args, open_checkpoint(ckpt), parser.get_default, log=log.append)
     return args, log
 
 
@@ -53,17 +48,29 @@ def test_own_checkpoint_restores_model_tokenizer_and_training_settings(tmp_path)
 
 
 def test_megatron_lm_namespace_with_enums(tmp_path):
+    root = tmp_path / "mlm"
+    root.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (root / name).write_text("{}" if name.endswith("json") else "#version: 0.2\n")
     ns = argparse.Namespace(
         num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=False, num_query_groups=1,
         kv_channels=None, seq_length=32, tokenizer_type="GPT2BPETokenizer", vocab_file="vocab.json",
-        merge_file="merges.txt", normalization="RMSNorm", attention_backend=Backend.auto,
+        merge_file="merges.txt", normalization="RMSNorm", attention_backend=AttnBackend.auto,
     )
-    args, _log = _merge([], _checkpoint(str(tmp_path / "mlm"), ns))
+    args, _log = _merge([], _checkpoint(str(root), ns))
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (2, 64, 4)
     assert args.num_query_groups == 4  # Megatron-LM's 1 only counts with --group-query-attention
-    assert args.kv_channels is None  # derived later
-    assert args.tokenizer_type == "GPT2BPETokenizer" and args.vocab_file == "vocab.json"
+    assert args.kv_channels is None  # unset in Megatron-LM: derived by finalize_args, as Megatron-LM does
+    assert args.tokenizer_type == "GPT2BPETokenizer"
+    assert args.vocab_file == str(root / "vocab.json") and args.merge_file == str(root / "merges.txt")
     assert args.normalization == "RMSNorm"
+
+
+def test_missing_tokenizer_file_is_one_line_naming_the_flag(tmp_path):
+    ckpt = _checkpoint(str(tmp_path / "c"), {"num_layers": 2, "tokenizer_type": "HuggingFaceTokenizer",
+                                             "tokenizer_model": "tokenizer/tokenizer.json"})
+    with pytest.raises(CheckpointError, match="--tokenizer-model PATH"):
+        _merge([], ckpt)
 
 
 def test_explicit_tokenizer_path_on_the_command_line_wins(tmp_path):
