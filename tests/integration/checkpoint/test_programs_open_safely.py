@@ -136,3 +136,19 @@ def test_program_refuses_in_one_line_and_writes_nothing(inputs, tmp_path, capsys
         assert "--trust-checkpoint-code" in errors[0]
     assert not marker.exists(), "the payload ran"
     assert not os.path.exists(out), os.listdir(out)
+
+
+def test_a_tool_vouches_only_for_verified_inputs(inputs, tmp_path, capsys):
+    """The upcycle tool records checksums over its output only when every input matched its
+    own; from an input without checksums (older, or Megatron-LM's) it records none and says so."""
+    verified = str(tmp_path / "verified")
+    assert upcycle.main(["-q", "-o", verified, inputs["dense"], inputs["dense"]]) == 0
+    assert os.path.isfile(os.path.join(resolve_checkpoint_dir(verified), "checksums.json"))
+    plain = str(tmp_path / "plain")
+    shutil.copytree(inputs["dense"], plain)
+    os.remove(os.path.join(resolve_checkpoint_dir(plain), "checksums.json"))
+    capsys.readouterr()
+    out = str(tmp_path / "unvouched")
+    assert upcycle.main(["-q", "-o", out, inputs["dense"], plain]) == 0
+    assert "records no checksums" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(resolve_checkpoint_dir(out), "checksums.json"))
