@@ -71,10 +71,21 @@ def build(case: str, tp: int = 1, ep: int = 1, pp: int = 1):
     return model, model_args(cfg, bam, V, S, position=position)
 
 
-def build_and_save(case: str, root: str, seed: int = 1):
-    """Our model of ``case`` with redrawn weights, saved with its recorded arguments."""
+def build_and_save(case: str, root: str, seed: int = 1, tokenizer: bool = False):
+    """Our model of ``case`` with redrawn weights, saved with its recorded arguments (and with
+    ``tokenizer`` a word-level ``tokenizer.json`` of V tokens in ``<root>/tokenizer/``, recorded
+    by its absolute path)."""
     torch.manual_seed(seed)
     model, args = build(case)
+    if tokenizer:
+        import os
+
+        from support.hf import write_tokenizer
+
+        folder = os.path.join(os.path.abspath(root), "tokenizer")
+        os.makedirs(folder)
+        write_tokenizer(folder, V)
+        args.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.join(folder, "tokenizer.json"))
     redraw(model, seed)
     if case.endswith("zero-bias"):
         with torch.no_grad():
