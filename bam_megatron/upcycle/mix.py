@@ -166,8 +166,22 @@ def prepare(seed_paths: Sequence[str], output: str, opts: UpcycleOptions, force:
     domains = _nexus_domains(opts, len(seeds))
     plan = plan_outputs(arch, len(seeds), opts, domains)
     args = output_args(arch, len(seeds), opts, domains)
+    _tokenizer_paths_beside(args, seeds[0].ckpt_dir)
     check_free_space(output, sum(t.nbytes for t in plan.values()), UpcycleError)
     return seeds, arch, plan, args, weights, domains
+
+
+def _tokenizer_paths_beside(args: dict, seed_dir: str) -> None:
+    """Tokenizer files seed 0 records relative to its root (an imported seed's ``tokenizer/``,
+    which ``--use-checkpoint-args`` finds there) are recorded by their absolute path, so that the
+    mix, which lives elsewhere, still names files that exist (export, generation, training)."""
+    root = os.path.dirname(os.path.normpath(seed_dir)) if os.path.basename(os.path.normpath(seed_dir)).startswith("iter_") else seed_dir
+    for name in ("vocab_file", "merge_file", "tokenizer_model"):
+        path = args.get(name)
+        if isinstance(path, str) and path and not os.path.isabs(path) and not os.path.exists(path):
+            beside = os.path.join(root, path)
+            if os.path.exists(beside):
+                args[name] = os.path.abspath(beside)
 
 
 def _nexus_domains(opts: UpcycleOptions, n: int):
