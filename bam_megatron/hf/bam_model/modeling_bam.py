@@ -478,7 +478,7 @@ class BAMModel(BAMPreTrainedModel):
         output_hidden_states = _flag(output_hidden_states, cfg.output_hidden_states)
         output_router_logits = _flag(output_router_logits, cfg.output_router_logits)
         return_dict = _flag(return_dict, getattr(cfg, "return_dict", True))
-        use_cache = _flag(use_cache, cfg.use_cache)
+        use_cache = _flag(use_cache, cfg.use_cache) and not (self.training and self.is_gradient_checkpointing)
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=cfg)
