@@ -248,6 +248,8 @@ def spec_from_bam_config(cfg: HFConfig, seq_length: Optional[int], vocab_multipl
     linear_bias = bool(cfg.get("linear_bias", False))
     if cfg.get("position_embedding_type", "rope") not in ("rope", "learned_absolute"):
         raise cfg.refuse("position_embedding_type", "must be rope or learned_absolute")
+    if cfg.get("position_embedding_type") == "learned_absolute" and seq > max_pos:
+        raise HFError(f"{cfg.path}: the model learned {max_pos} positions; import with --seq-length {max_pos} or less")
     try:
         return ModelSpec(
             num_layers=int(cfg.require("num_hidden_layers")), hidden_size=hidden, ffn_hidden_size=ffn,
