@@ -217,3 +217,20 @@ def test_flex_attention_agrees_with_sdpa(exported):
     with torch.no_grad():
         a, b = flex(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits
     assert (a[mask.bool()] - b[mask.bool()]).abs().max().item() <= 1e-5
+
+
+def test_auto_map_loads_every_auto_class_and_save_pretrained_carries_the_code(exported, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    folder = exported["nexus-bam"]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert set(config.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    model = _load(folder)
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = tokens(batch=1, seq=5)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+    model.save_pretrained(str(tmp_path / "again"))
+    assert {"configuration_bam.py", "modeling_bam.py"} <= set(p.name for p in (tmp_path / "again").iterdir())
+    with torch.no_grad():
+        torch.testing.assert_close(_load(str(tmp_path / "again"))(ids).logits, model(ids).logits)
