@@ -13,7 +13,7 @@ Order of work (every rank takes part; rank 0 renames and writes the tracker):
    are deleted.
 
 A kill between the two renames of step 4 leaves the tracker naming a missing ``iter_N`` next to
-two complete copies; ``layout.resolve_checkpoint_dir`` finds and uses one of them.
+two complete copies; the opener (``checkpoint/opener/locate.py``) finds and uses one of them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Megatron-LM GPT torch_dist checkpoints), at any saved TP / PP / EP layout, becom
 shards + ``config.json`` + the tokenizer files it records. The class is the first that holds the
 model exactly: dense sequential -> Llama / Qwen2 / Qwen3, dense parallel LayerNorm without norm
 biases -> Cohere, BTX-style sequential MoE with renormalised top-k -> Mixtral, everything else
-(parallel blocks, attention experts, BAM's top-k routing) -> ``BAMForCausalLM``, whose code
+(parallel blocks, attention experts, BAM's top-k routing, the Nexus router, a shared FFN expert)
+-> ``BAMForCausalLM``, whose code
 (``configuration_bam.py``, ``modeling_bam.py``) is copied into the folder: load it with
 ``trust_remote_code=True``. Streams one layer at a time; writes under ``<output>.tmp-*`` and
 renames when complete.

@@ -1,4 +1,4 @@
-"""Import a local Hugging Face model folder as a dense checkpoint of this project.
+"""Import a local Hugging Face model folder as a checkpoint of this project.
 
     python tools/hf_import.py path/to/Llama-3.2-1B --output ckpt/seed
     python pretrain_bam.py --load ckpt/seed --use-checkpoint-args ...      # train it
@@ -6,8 +6,9 @@
 
 Reads ``config.json`` and the safetensors weights (sharded or not; no hub access) of
 ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` or
-``CohereForCausalLM``, and writes one torch_dist checkpoint in Megatron-LM's layout recording the
-model and tokenizer arguments, with the tokenizer files copied to ``<output>/tokenizer/``.
+``CohereForCausalLM`` (a dense checkpoint), or this project's own ``BAMForCausalLM`` exports (e.g.
+fine-tuned with PEFT LoRA and merged; the checkpoint of the model they hold: BTX, BAM, Nexus), and
+writes one torch_dist checkpoint in Megatron-LM's layout recording the model and tokenizer arguments, with the tokenizer files copied to ``<output>/tokenizer/``.
 Anything the model cannot represent exactly (RoPE scaling, a sliding window shorter than the
 sequence, biases it lacks, another architecture) stops it before anything is written, with one
 line naming the field. Streams one layer at a time; writes under ``<output>.tmp-*`` and renames
@@ -27,7 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf_import.py", allow_abbrev=False,
-                                description="Convert a local Hugging Face model folder into a dense checkpoint of this project.")
+                                description="Convert a local Hugging Face model folder into a checkpoint of this project.")
     p.add_argument("hf_dir", metavar="HF_DIR", help="Folder with config.json and *.safetensors (save_pretrained output).")
     p.add_argument("--output", "-o", required=True, help="Checkpoint directory to create.")
     p.add_argument("--seq-length", type=int, default=None,

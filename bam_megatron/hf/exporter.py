@@ -43,6 +43,7 @@ from bam_megatron.upcycle.mapping import canonical_key
 BAM_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bam_model")
 BAM_MODEL_FILES = ("configuration_bam.py", "modeling_bam.py")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+FP32_SUFFIXES = ("mlp.router.domain_embeddings",)
 
 
 @dataclass
@@ -130,15 +131,20 @@ def _choose(spec: ModelSpec, source: _Source, forced: str) -> Tuple[Adapter, Lis
     raise RuntimeError("internal error: no export class, not even BAMForCausalLM, holds the model")
 
 
+def _out_dtype(name: str, t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    """``--dtype`` casts every tensor but the Nexus domain embeddings (float32, as trained)."""
+    return t.dtype if dtype is None or name.endswith(FP32_SUFFIXES) else dtype
+
+
 def _plan(adapter: Adapter, spec: ModelSpec, source: _Source, dtype: Optional[torch.dtype]) -> List[PlannedEntry]:
     """Every output tensor in writing order; checks that every stored model tensor is used."""
     used: set = set()
     entries: List[PlannedEntry] = []
     out = adapter.export_globals(_getter(_meta(source, False), used, "", source), spec)
-    entries += [PlannedEntry(n, tuple(t.shape), dtype or t.dtype) for n, t in out.items()]
+    entries += [PlannedEntry(n, tuple(t.shape), _out_dtype(n, t, dtype)) for n, t in out.items()]
     for layer in range(spec.num_layers):
         out = adapter.export_layer(_getter(_meta(source, True), used, LP, source), spec)
-        entries += [PlannedEntry(f"{HF_LAYER_PREFIX}{layer}.{n}", tuple(t.shape), dtype or t.dtype) for n, t in out.items()]
+        entries += [PlannedEntry(f"{HF_LAYER_PREFIX}{layer}.{n}", tuple(t.shape), _out_dtype(n, t, dtype)) for n, t in out.items()]
     unused = sorted(set(source.shapes) - used)
     if unused:
         raise HFError(f"the checkpoint has tensor {unused[0]}, which {adapter.architecture} has no place for; "
@@ -217,16 +223,16 @@ def hf_export(ckpt: str, output: str, opts: ExportOptions, progress: Optional[Ca
 def _write_weights(adapter: Adapter, spec: ModelSpec, source: _Source, writer: SafetensorsWriter, dtype, report) -> None:
     used: set = set()
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return t if dtype is None else t.to(dtype)
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(_out_dtype(name, t, dtype))
 
     for name, t in adapter.export_globals(_getter(source.read_global, used, "", source), spec).items():
-        writer.write(name, cast(t))
+        writer.write(name, cast(name, t))
     report("embeddings, final norm, output layer")
     for layer in range(spec.num_layers):
         get = _getter(lambda n, layer=layer: source.read_layer(LP + n, layer), used, LP, source)
         for name, t in adapter.export_layer(get, spec).items():
-            writer.write(f"{HF_LAYER_PREFIX}{layer}.{name}", cast(t))
+            writer.write(f"{HF_LAYER_PREFIX}{layer}.{name}", cast(name, t))
         report(f"layer {layer + 1}/{spec.num_layers}")
 
 

@@ -1,4 +1,8 @@
-"""``tools/hf_import.py``: a local Hugging Face model folder -> a dense checkpoint of ours.
+"""``tools/hf_import.py``: a local Hugging Face model folder -> a checkpoint of ours.
+
+Dense Llama / Mistral / Qwen2 / Qwen3 / Cohere models become dense checkpoints; a
+``BAMForCausalLM`` folder (an export of ours, e.g. fine-tuned with PEFT LoRA and merged) becomes
+the checkpoint of its model again: BTX, BAM, Nexus, shared expert — whatever it holds.
 
     <output>/latest_checkpointed_iteration.txt        "0"
     <output>/iter_0000000/                            torch_dist weights + common state (args)
@@ -11,8 +15,8 @@ tokenizer flags (paths relative to ``<output>``), so ``pretrain_bam.py --load <o
 Order of work (the upcycle tool's): every check first — output path, ``config.json`` (the
 adapter refuses, naming the field, whatever is not exact), the safetensors index, then a *plan*
 made by running the adapter on ``meta`` tensors (every tensor the mapping needs exists with a
-shape that fits, nothing unknown is left over, the outputs have the shapes of a dense checkpoint
-of that model), the tokenizer, the free space. Then the weights stream: the globals, then one
+shape that fits, nothing unknown is left over, the outputs have the shapes of a checkpoint of
+that model), the tokenizer, the free space. Then the weights stream: the globals, then one
 layer at a time (read the layer's Hugging Face tensors, map, hand to ``PartWriter``), written
 under ``<output>.tmp-*`` and renamed into place when complete.
 """
@@ -43,7 +47,7 @@ from bam_megatron.hf.adapters import HFConfig, importer_for
 from bam_megatron.hf.adapters.base import HF_LAYER_PREFIX, Adapter
 from bam_megatron.hf.progress import Progress
 from bam_megatron.hf.safetensors_io import SafetensorsFolder
-from bam_megatron.hf.spec import LP, ModelSpec, dense_shapes
+from bam_megatron.hf.spec import LP, NEXUS_DOMAIN, ModelSpec, checkpoint_shapes
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older transformers versions saved
 
@@ -122,8 +126,9 @@ def plan_import(hf_dir: str, opts: ImportOptions) -> _Plan:
 
 
 def _check_outputs(produced: Dict[str, torch.Tensor], spec: ModelSpec, dtype, cfg: HFConfig) -> Dict[str, PlannedTensor]:
-    """The mapped tensors have the keys and shapes of a dense checkpoint of ``spec``."""
-    expected = dense_shapes(spec)
+    """The mapped tensors have the keys and shapes of a checkpoint of ``spec`` (the Nexus domain
+    embeddings are stored in float32 whatever the model's dtype, as training keeps them)."""
+    expected = checkpoint_shapes(spec)
     outputs: Dict[str, PlannedTensor] = {}
     for key, t in produced.items():
         base, _, layer = key.partition("@")
@@ -131,11 +136,15 @@ def _check_outputs(produced: Dict[str, torch.Tensor], spec: ModelSpec, dtype, cf
         if expected.get(base) != shape:
             raise HFError(f"{cfg.path}: the weights give {base} the shape {list(shape)}, the config implies "
                           f"{list(expected.get(base) or [])}; the weights do not match the config")
-        outputs[base] = PlannedTensor(base, shape, dtype)
+        outputs[base] = PlannedTensor(base, shape, _stored_dtype(base, dtype))
     missing = sorted(set(expected) - set(outputs))
     if missing:
         raise RuntimeError(f"internal error: the import produced no {missing[0]}")
     return outputs
+
+
+def _stored_dtype(key: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if key == NEXUS_DOMAIN else dtype
 
 
 def _tokenizer(hf_dir: str, spec: ModelSpec, opts: ImportOptions, notes: List[str]):
@@ -178,7 +187,7 @@ def _write_weights(plan: _Plan, writer: PartWriter, report: Callable[[str], None
         prefix = f"{HF_LAYER_PREFIX}{layer}."
         out = plan.adapter.import_layer(lambda n: weights.read(prefix + n), spec)
         for name, t in out.items():
-            writer.add(LP + name, (layer,) + (0,) * t.dim(), t.to(dtype).unsqueeze(0))
+            writer.add(LP + name, (layer,) + (0,) * t.dim(), t.to(_stored_dtype(LP + name, dtype)).unsqueeze(0))
         del out
         report(f"layer {layer + 1}/{spec.num_layers}")
 

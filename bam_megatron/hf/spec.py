@@ -15,14 +15,17 @@ from typing import Dict, Optional, Sequence
 from bam_megatron.errors import HFError
 
 LP = "decoder.layers."
+NEXUS_DOMAIN = LP + "mlp.router.domain_embeddings"  # fp32 whatever the model's dtype
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A GPT model of this project (dense seed, BTX or BAM).
+    """A GPT model of this project (dense seed, BTX or BAM, linear or Nexus router).
 
     Shapes: ``L`` layers, hidden ``d``, ``H`` query heads in ``G`` groups of head dim ``dh``,
-    FFN ``F`` (``moe_ffn_hidden_size`` for experts), ``V`` embedding rows (padded vocabulary).
+    FFN ``F`` (``moe_ffn_hidden_size`` for experts), ``V`` embedding rows (padded vocabulary);
+    the Nexus router's domain embeddings of size ``D`` through a SwiGLU of size ``P``; a shared
+    FFN expert of size ``shared_expert_ffn`` (0: none).
     """
 
     num_layers: int
@@ -55,6 +58,10 @@ class ModelSpec:
     moe_ffn_hidden_size: Optional[int] = None
     moe_router_topk: int = 1
     moe_router_pre_softmax: bool = True
+    moe_router_type: str = "linear"
+    nexus_domain_size: Optional[int] = None
+    nexus_projection_size: Optional[int] = None
+    shared_expert_ffn: int = 0
 
     @property
     def heads_per_group(self) -> int:
@@ -75,6 +82,10 @@ class ModelSpec:
     @property
     def qkv_bias(self) -> bool:
         return self.add_bias_linear or self.add_qkv_bias
+
+    @property
+    def is_nexus(self) -> bool:
+        return self.moe_router_type == "nexus"
 
     @property
     def expert_ffn(self) -> int:
@@ -111,10 +122,10 @@ class ModelSpec:
             "moe_ffn_hidden_size": self.moe_ffn_hidden_size,
             "moe_router_topk": self.moe_router_topk,
             "moe_router_pre_softmax": self.moe_router_pre_softmax,
-            "moe_router_type": "linear",
-            "nexus_domain_size": None,
-            "nexus_projection_size": None,
-            "moe_shared_expert_intermediate_size": None,
+            "moe_router_type": self.moe_router_type,
+            "nexus_domain_size": self.nexus_domain_size,
+            "nexus_projection_size": self.nexus_projection_size,
+            "moe_shared_expert_intermediate_size": self.shared_expert_ffn or None,
             "bam_attn_experts": self.attn_experts,
             "bam_attn_routing": self.attn_routing,
             "bam_attn_topk": self.attn_topk,
@@ -142,7 +153,6 @@ def spec_from_checkpoint(args: dict, shapes: Dict[str, Sequence[int]], what: str
     emb = shapes.get("embedding.word_embeddings.weight")
     if ln is None or emb is None:
         raise HFError(f"{what} has no {LP}input_layernorm.weight or embedding; it is not a GPT model checkpoint")
-    _check_no_nexus(shapes, what)
     num_layers, hidden = int(ln[0]), int(ln[1])
     heads = int(_arg(args, "num_attention_heads", None, what))
     proj = shapes.get(LP + "self_attention.linear_proj.weight")
@@ -153,7 +163,7 @@ def spec_from_checkpoint(args: dict, shapes: Dict[str, Sequence[int]], what: str
     n_attn = 1
     if LP + "self_attention.router.weight" in shapes:
         n_attn = int(shapes[LP + "self_attention.router.weight"][1])
-    n_ffn = int(shapes[LP + "mlp.router.weight"][1]) if LP + "mlp.router.weight" in shapes else None
+    n_ffn = _ffn_experts(shapes)
     fc1 = shapes.get(LP + ("mlp.experts.experts.linear_fc1.weight" if n_ffn else "mlp.linear_fc1.weight"))
     fc2 = shapes.get(LP + ("mlp.experts.experts.linear_fc2.weight" if n_ffn else "mlp.linear_fc2.weight"))
     if fc1 is None or fc2 is None or int(fc1[-2]) not in (int(fc2[-1]), 2 * int(fc2[-1])):
@@ -191,18 +201,32 @@ def spec_from_checkpoint(args: dict, shapes: Dict[str, Sequence[int]], what: str
         moe_ffn_hidden_size=ffn if n_ffn else None,
         moe_router_topk=int(args.get("moe_router_topk", 1)) if n_ffn else 1,
         moe_router_pre_softmax=bool(args.get("moe_router_pre_softmax", False)) if n_ffn else True,
+        **_router_and_shared_expert(shapes),
     )
     return spec
 
 
-def _check_no_nexus(shapes: Dict[str, Sequence[int]], what: str) -> None:
-    """The transformers classes hold linear FFN routers and no shared FFN expert."""
-    extra = [k for k in shapes if k.startswith((LP + "mlp.router.projection", LP + "mlp.router.domain", LP + "mlp.shared_experts."))]
-    if extra:
-        raise HFError(
-            f"{what} has a Nexus router or a shared FFN expert ({extra[0]}), which no transformers class of this "
-            "project holds yet; export a model mixed with the linear router (tools/upcycle_bam.py --router linear)"
-        )
+def _ffn_experts(shapes: Dict[str, Sequence[int]]) -> Optional[int]:
+    """N routed FFN experts from the router's stored shape (linear ``[L, N, d]``, Nexus ``[L, N, D]``)."""
+    for key in (NEXUS_DOMAIN, LP + "mlp.router.weight"):
+        if key in shapes:
+            return int(shapes[key][1])
+    return None
+
+
+def _router_and_shared_expert(shapes: Dict[str, Sequence[int]]) -> dict:
+    """The Nexus router's sizes (domain embeddings ``[L, N, D]``, ``projection_fc1 [L, 2P, D]``)
+    and the shared expert's FFN size (``shared_experts.linear_fc2 [L, d, F]``), from the shapes."""
+    out: dict = {}
+    if NEXUS_DOMAIN in shapes:
+        fc1 = shapes.get(LP + "mlp.router.projection_fc1.weight")
+        if fc1 is None or int(fc1[1]) % 2:
+            raise HFError("the checkpoint has Nexus domain embeddings but no projection that fits them; it is incomplete")
+        out.update(moe_router_type="nexus", nexus_domain_size=int(shapes[NEXUS_DOMAIN][2]), nexus_projection_size=int(fc1[1]) // 2)
+    shared = shapes.get(LP + "mlp.shared_experts.linear_fc2.weight")
+    if shared is not None:
+        out["shared_expert_ffn"] = int(shared[-1])
+    return out
 
 
 def _query_groups(shapes: Dict[str, Sequence[int]], heads: int, head_dim: int, what: str) -> int:
@@ -225,31 +249,75 @@ def _query_groups(shapes: Dict[str, Sequence[int]], heads: int, head_dim: int, w
 SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
 
 
-def dense_shapes(spec: ModelSpec) -> Dict[str, tuple]:
-    """Global keys and shapes of a dense checkpoint of ``spec`` (what an import must produce)."""
-    d, dh, ffn, v, L = spec.hidden_size, spec.head_dim, spec.ffn_hidden_size, spec.vocab_size, spec.num_layers
-    rows = spec.num_query_groups * (spec.heads_per_group + 2) * dh
+def checkpoint_shapes(spec: ModelSpec) -> Dict[str, tuple]:
+    """Global keys and shapes of a checkpoint of ``spec`` (canonical keys, see
+    ``upcycle.mapping``): what an import must produce, what an export reads."""
+    d, v, L = spec.hidden_size, spec.vocab_size, spec.num_layers
     ln = spec.normalization == "LayerNorm"
     out = {"embedding.word_embeddings.weight": (v, d), "decoder.final_layernorm.weight": (d,)}
+    if spec.position_embedding_type == "learned_absolute":
+        out["embedding.position_embeddings.weight"] = (spec.max_position_embeddings, d)
     if ln:
         out["decoder.final_layernorm.bias"] = (d,)
     if spec.untied:
         out["output_layer.weight"] = (v, d)
-    layer = {"input_layernorm.weight": (d,), "self_attention.linear_qkv.weight": (rows, d),
-             "self_attention.linear_proj.weight": (d, spec.num_attention_heads * dh),
-             "mlp.linear_fc1.weight": ((2 if spec.swiglu else 1) * ffn, d), "mlp.linear_fc2.weight": (d, ffn)}
+    layer = {"input_layernorm.weight": (d,)}
     norms = ["input_layernorm"] + ([] if spec.parallel_block else ["pre_mlp_layernorm"])
     if not spec.parallel_block:
         layer["pre_mlp_layernorm.weight"] = (d,)
-    if spec.qkv_bias:
-        layer["self_attention.linear_qkv.bias"] = (rows,)
-    if spec.add_bias_linear:
-        layer.update({"self_attention.linear_proj.bias": (d,), "mlp.linear_fc1.bias": (layer["mlp.linear_fc1.weight"][0],),
-                      "mlp.linear_fc2.bias": (d,)})
+    layer.update(_attention_shapes(spec))
     if spec.qk_layernorm:
-        layer.update({"self_attention.q_layernorm.weight": (dh,), "self_attention.k_layernorm.weight": (dh,)})
         norms += ["self_attention.q_layernorm", "self_attention.k_layernorm"]
     if ln:
         layer.update({f"{n}.bias": layer[f"{n}.weight"] for n in norms})
+    layer.update(_ffn_shapes(spec))
     out.update({LP + k: (L,) + s for k, s in layer.items()})
+    return out
+
+
+def _attention_shapes(spec: ModelSpec) -> Dict[str, tuple]:
+    """One layer's attention tensors: dense (``linear_qkv`` interleaved per group) or the
+    Mixture of Attention's (experts on axis 0; ``linear_q`` + ``linear_kv`` with shared KV)."""
+    d, dh, n = spec.hidden_size, spec.head_dim, spec.attn_experts
+    hd, rows = spec.num_attention_heads * dh, spec.num_query_groups * (spec.heads_per_group + 2) * dh
+    if spec.is_moa:
+        out = {"self_attention.router.weight": (n, d), "self_attention.linear_proj.weight": (n, d, hd)}
+        if spec.kv_sharing:
+            out.update({"self_attention.linear_q.weight": (n, hd, d), "self_attention.linear_kv.weight": (2 * spec.num_query_groups * dh, d)})
+        else:
+            out["self_attention.linear_qkv.weight"] = (n, rows, d)
+        return out
+    out = {"self_attention.linear_qkv.weight": (rows, d), "self_attention.linear_proj.weight": (d, hd)}
+    if spec.qkv_bias:
+        out["self_attention.linear_qkv.bias"] = (rows,)
+    if spec.add_bias_linear:
+        out["self_attention.linear_proj.bias"] = (d,)
+    if spec.qk_layernorm:
+        out.update({"self_attention.q_layernorm.weight": (dh,), "self_attention.k_layernorm.weight": (dh,)})
+    return out
+
+
+def _mlp_shapes(spec: ModelSpec, prefix: str, ffn: int, experts: tuple = (), bias: bool = False) -> Dict[str, tuple]:
+    d, rows = spec.hidden_size, (2 if spec.swiglu else 1) * ffn
+    out = {prefix + "linear_fc1.weight": experts + (rows, d), prefix + "linear_fc2.weight": experts + (d, ffn)}
+    if bias:
+        out.update({prefix + "linear_fc1.bias": experts + (rows,), prefix + "linear_fc2.bias": experts + (d,)})
+    return out
+
+
+def _ffn_shapes(spec: ModelSpec) -> Dict[str, tuple]:
+    """One layer's FFN tensors: dense, or routed experts (stacked on axis 0) with a linear or
+    Nexus router and an optional shared expert (no biases)."""
+    if not spec.is_moe:
+        return _mlp_shapes(spec, "mlp.", spec.ffn_hidden_size, bias=spec.add_bias_linear)
+    n, d = spec.num_experts, spec.hidden_size
+    out = _mlp_shapes(spec, "mlp.experts.experts.", spec.expert_ffn, (n,), spec.add_bias_linear)
+    if spec.is_nexus:
+        p, dsz = spec.nexus_projection_size, spec.nexus_domain_size
+        out.update({"mlp.router.domain_embeddings": (n, dsz), "mlp.router.projection_fc1.weight": (2 * p, dsz),
+                    "mlp.router.projection_fc2.weight": (d, p)})
+    else:
+        out["mlp.router.weight"] = (n, d)
+    if spec.shared_expert_ffn:
+        out.update(_mlp_shapes(spec, "mlp.shared_experts.", spec.shared_expert_ffn))
     return out

@@ -112,6 +112,9 @@ def model_args(cfg, bam, vocab: int, seq: int, untied: bool = True, position: st
         "moe_router_topk": cfg.moe_router_topk, "moe_router_pre_softmax": cfg.moe_router_pre_softmax,
         "bam_attn_experts": bam.attn_experts, "bam_attn_routing": bam.attn_routing, "bam_attn_topk": bam.attn_topk,
         "bam_attn_topk_renormalize": bam.attn_topk_renormalize, "bam_kv_sharing": bam.kv_sharing,
+        "moe_router_type": bam.ffn_router, "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
+        **dict(zip(("nexus_domain_size", "nexus_projection_size"),
+                   bam.nexus_sizes(cfg.hidden_size) if bam.ffn_router == "nexus" else (None, None))),
         "bam_sequential_block": not bam.parallel_block, "tokenizer_type": "NullTokenizer", "vocab_size": vocab - 1,
     }
 

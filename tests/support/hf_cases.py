@@ -23,6 +23,7 @@ IMPORT_CASES = {
     "cohere": ("CohereConfig", {"logit_scale": 0.25, "layer_norm_eps": 1e-5}),
 }
 
+NEXUS = dict(ffn_router="nexus", nexus_domain_size=32, nexus_projection_size=48)
 GELU = dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu, add_bias_linear=True)
 
 # name: (TransformerConfig overrides, BAMConfig kwargs, position embedding, class written)
@@ -42,6 +43,12 @@ EXPORT_CASES = {
                       "rope", "BAMForCausalLM"),
     "bam-topk-attention-sequential": (moe_overrides(4, 2, False), {"attn_experts": 4, "attn_routing": "topk", "attn_topk": 2,
                                                                    "parallel_block": False}, "rope", "BAMForCausalLM"),
+    # Nexus: the seed's FFN as the shared expert, top-1 over the domain experts; BAM adds one
+    # attention expert per domain expert plus the seed's (README: Nexus).
+    "nexus-btx": (moe_overrides(4, 1, True, moe_shared_expert_intermediate_size=80), {"parallel_block": False, **NEXUS},
+                  "rope", "BAMForCausalLM"),
+    "nexus-bam": (moe_overrides(3, 1, True, moe_shared_expert_intermediate_size=80), {"attn_experts": 4, **NEXUS},
+                  "rope", "BAMForCausalLM"),
 }
 
 
@@ -64,10 +71,21 @@ def build(case: str, tp: int = 1, ep: int = 1, pp: int = 1):
     return model, model_args(cfg, bam, V, S, position=position)
 
 
-def build_and_save(case: str, root: str, seed: int = 1):
-    """Our model of ``case`` with redrawn weights, saved with its recorded arguments."""
+def build_and_save(case: str, root: str, seed: int = 1, tokenizer: bool = False):
+    """Our model of ``case`` with redrawn weights, saved with its recorded arguments (and with
+    ``tokenizer`` a word-level ``tokenizer.json`` of V tokens in ``<root>/tokenizer/``, recorded
+    by its absolute path)."""
     torch.manual_seed(seed)
     model, args = build(case)
+    if tokenizer:
+        import os
+
+        from support.hf import write_tokenizer
+
+        folder = os.path.join(os.path.abspath(root), "tokenizer")
+        os.makedirs(folder)
+        write_tokenizer(folder, V)
+        args.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=os.path.join(folder, "tokenizer.json"))
     redraw(model, seed)
     if case.endswith("zero-bias"):
         with torch.no_grad():

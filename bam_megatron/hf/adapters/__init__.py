@@ -1,6 +1,7 @@
 """State-dict adapters between Hugging Face model classes and this project's checkpoints.
 
-``IMPORTERS``: the classes ``tools/hf_import.py`` reads. ``EXPORTERS``: the classes
+``IMPORTERS``: the classes ``tools/hf_import.py`` reads (``BAMForCausalLM``: our own exports,
+back into the checkpoint of their model). ``EXPORTERS``: the classes
 ``tools/hf_export.py`` may write, in order of preference; the first whose ``export_problem`` is
 None (and, where an adapter has one, whose ``value_problem`` is None) is used, and
 ``BAMForCausalLM`` holds everything.
@@ -18,7 +19,7 @@ from bam_megatron.hf.adapters.llama import LlamaAdapter, MistralAdapter, Qwen2Ad
 from bam_megatron.hf.adapters.mixtral import MixtralAdapter
 
 IMPORTERS: Dict[str, type] = {
-    cls.architecture: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, CohereAdapter)
+    cls.architecture: cls for cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, CohereAdapter, BAMAdapter)
 }
 EXPORTERS: Tuple[type, ...] = (LlamaAdapter, Qwen2Adapter, Qwen3Adapter, CohereAdapter, MixtralAdapter, BAMAdapter)
 EXPORT_NAMES = {cls.model_type: cls for cls in EXPORTERS}

@@ -35,6 +35,10 @@ class MixtralAdapter(LlamaAdapter):
             return "top-k FFN routing without renormalisation (--moe-router-pre-softmax)"
         if spec.add_bias_linear:
             return "linear-layer biases"
+        if spec.is_nexus:
+            return "a Nexus router"
+        if spec.shared_expert_ffn:
+            return "a shared FFN expert"
         return super().export_problem(spec.with_(num_experts=None))
 
     def export_config(self, spec: ModelSpec) -> dict:

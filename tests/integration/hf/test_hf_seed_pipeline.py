@@ -76,3 +76,35 @@ def test_attention_experts_refuse_seeds_they_cannot_copy(hf_models, tmp_path, ar
         with pytest.raises(UpcycleError, match=needle):
             upcycle([seed] * 2, str(tmp_path / mode), UpcycleOptions(mode=mode))
         assert not (tmp_path / mode).exists()
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_the_seeds_chat_template_reaches_the_exported_mix(hf_models, tmp_path, where):
+    """A seed's chat template (in ``tokenizer_config.json`` or ``chat_template.jinja``) goes with its
+    tokenizer through the import, the mix (which carries the seed's tokenizer files in its own
+    ``tokenizer/`` folder) and the export, so the exported model chats with the seed's template."""
+    import json
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "seed_hf"
+    shutil.copytree(hf_models["llama"][0], folder)
+    if where == "chat_template.jinja":
+        (folder / where).write_text(TEMPLATE)
+    else:
+        config = json.loads((folder / where).read_text())
+        (folder / where).write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    hf_import(str(folder), str(tmp_path / "seed"), ImportOptions())
+    upcycle([str(tmp_path / "seed")] * 2, str(tmp_path / "moe"), UpcycleOptions(mode="full"))
+    result = hf_export(str(tmp_path / "moe"), str(tmp_path / "hf"), ExportOptions())
+    assert result.architecture == "BAMForCausalLM" and where in result.files
+    messages = [{"role": "user", "content": "t5 t6"}]
+    seed_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.chat_template == seed_tok.chat_template == TEMPLATE
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == "<user> t5 t6 <assistant>" == seed_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

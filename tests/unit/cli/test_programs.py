@@ -15,6 +15,7 @@ PROGRAMS = [
     ("bam_megatron.cli.build_sample_data", "build_sample_data.py"),
     ("bam_megatron.cli.hf_import", "hf_import.py"),
     ("bam_megatron.cli.hf_export", "hf_export.py"),
+    ("bam_megatron.cli.serve", "serve.py"),
     ("bam_megatron.cli.generate", "generate.py"),
     ("bam_megatron.cli.build_tasks", "build_tasks.py"),
     ("bam_megatron.cli.domain_embeddings", "domain_embeddings.py"),

@@ -80,3 +80,37 @@ def test_router_logits_and_load_balancing_loss():
     assert torch.isfinite(out.aux_loss) and out.aux_loss > 0 and torch.isfinite(out.loss)
     plain = model(ids)
     assert plain.router_logits is None and plain.aux_loss is None
+
+
+def test_config_declares_the_cache_heads_and_reads_configs_written_before():
+    """``num_key_value_heads`` is what the cache holds per layer (transformers sizes caches from
+    it): N·G with KV experts, G with shared KV; ``expert_key_value_heads`` is G. A config.json
+    without ``expert_key_value_heads`` (older exports) meant G by ``num_key_value_heads``."""
+    kv = BAMConfig(**BASE)
+    shared = BAMConfig(**{**BASE, "kv_sharing": True})
+    assert (kv.expert_key_value_heads, kv.num_key_value_heads) == (2, 6)
+    assert (shared.expert_key_value_heads, shared.num_key_value_heads) == (2, 2)
+    again = BAMConfig(**kv.to_dict())  # a saved config.json holds both
+    assert (again.expert_key_value_heads, again.num_key_value_heads) == (2, 6)
+    assert BAMForCausalLM(again).model.layers[0].self_attn.num_key_value_groups == 2
+
+
+def test_tied_embeddings_share_the_weight():
+    model = BAMForCausalLM(BAMConfig(**{**BASE, "tie_word_embeddings": True}))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = BAMForCausalLM(BAMConfig(**BASE))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_nexus_router_logits_are_tokens_times_projected_domain_embeddings():
+    cfg = BAMConfig(**{**BASE, "router_type": "nexus", "nexus_domain_size": 8, "nexus_projection_size": 12,
+                       "shared_expert_intermediate_size": 20, "num_experts_per_tok": 1, "router_pre_softmax": True})
+    model = BAMForCausalLM(cfg).eval()
+    router = model.model.layers[0].mlp.router
+    assert router.domain_embeddings.dtype == torch.float32 and "model.layers.0.mlp.router.domain_embeddings" in model.state_dict()
+    x = torch.randn(5, 32)
+    gate, up = (router.domain_embeddings @ router.projection_fc1.weight.t()).chunk(2, dim=-1)
+    expected = x @ ((torch.nn.functional.silu(gate) * up) @ router.projection_fc2.weight.t()).t()
+    torch.testing.assert_close(router(x), expected)
+    with pytest.raises(ValueError, match="need FFN experts"):
+        BAMConfig(**{**BASE, "num_experts": 0, "router_type": "nexus"})
