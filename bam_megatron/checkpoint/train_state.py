@@ -167,14 +167,17 @@ def _restore(loaded: dict, sharded: dict, unexpected, model, optimizer, report: 
 
 def _restore_schedule(scheduler, common: dict, load_optim: bool, report: LoadReport) -> None:
     """The scheduler: the checkpoint's state (megatron-core's rules for which values win), or with
-    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step."""
-    from bam_megatron.training.schedule import continue_schedule
+    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step. The
+    loaded param groups then take the scheduler's values (they carry the saved ``max_lr`` /
+    ``min_lr``, which megatron-core's ``get_lr`` prefers; ``schedule.apply_to_param_groups``)."""
+    from bam_megatron.training.schedule import apply_to_param_groups, continue_schedule
 
     if scheduler is None:
         return
     saved = common.get("opt_param_scheduler")
     if load_optim and saved:
         scheduler.load_state_dict(saved)
+        apply_to_param_groups(scheduler)
         report.loaded.append("LR scheduler")
         report.schedule = (
             "the command line's (--override-opt-param-scheduler)" if scheduler.override_opt_param_scheduler

@@ -145,7 +145,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-iters", type=int, default=None, help="Decay steps (default --train-iters).")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear", help="Decay shape.")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="Optimizer (adam = AdamW).")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay.")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay (constant; see --weight-decay-incr-style).")
+    g.add_argument("--start-weight-decay", type=float, default=None, help="Weight decay at the start of a linear / cosine --weight-decay-incr-style.")
+    g.add_argument("--end-weight-decay", type=float, default=None, help="Weight decay at --train-iters of a linear / cosine --weight-decay-incr-style.")
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant", help="How weight decay goes from --start-weight-decay to --end-weight-decay over --train-iters (constant: --weight-decay throughout).")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -269,6 +272,7 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         args.lr_decay_iters = args.train_iters
     _finalize_batch(args, parser)
     _check(parser, args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    _finalize_weight_decay(args, parser)
     if not args.skip_train and args.lr_decay_style != "constant":
         _check(parser, args.lr_warmup_iters < args.lr_decay_iters,
                f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
@@ -298,6 +302,22 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
     _check(parser, args.recompute_granularity != "full" or args.recompute_method is not None,
            "--recompute-granularity full needs --recompute-method uniform|block")
     return args
+
+
+def _finalize_weight_decay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's weight-decay schedule: constant ``--weight-decay`` (start = end), or
+    ``--start-weight-decay`` to ``--end-weight-decay`` (both needed) over ``--train-iters``."""
+    if args.weight_decay_incr_style == "constant":
+        _check(parser, args.start_weight_decay is None and args.end_weight_decay is None,
+               "--start-weight-decay / --end-weight-decay need --weight-decay-incr-style linear or cosine "
+               "(constant uses --weight-decay)")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+        return
+    _check(parser, args.start_weight_decay is not None and args.end_weight_decay is not None,
+           f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay and --end-weight-decay")
+    _check(parser, 0.0 <= args.start_weight_decay <= args.end_weight_decay,
+           f"--start-weight-decay {args.start_weight_decay} must be between 0 and --end-weight-decay "
+           f"{args.end_weight_decay} (weight decay only increases)")
 
 
 def _finalize_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
