@@ -123,8 +123,16 @@ def duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped at ``exp(20)`` as Megatron-LM does; NaN for a NaN loss (not the cap:
+    ``min(20, nan)`` is 20) and inf for an infinite one."""
+    if not math.isfinite(loss):
+        return loss
+    return math.exp(min(20.0, loss))
+
+
 def validation_line(iteration: int, loss: float, name: Optional[str] = None) -> str:
     """Megatron-LM's validation line; ``name`` for a named (per-domain) validation set."""
-    ppl = math.exp(min(20.0, loss))
+    ppl = perplexity(loss)
     where = f"validation loss ({name})" if name else "validation loss"
     return f" {where} at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"

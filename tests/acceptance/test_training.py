@@ -15,8 +15,8 @@ What is checked:
   dropout included (the RNG state is restored);
 * a checkpoint saved by one process evaluates to the same validation loss at TP2, EP2 and PP2;
 * wandb (offline) and TensorBoard receive the logged losses;
-* bad inputs stop with one error line before training and leave a good checkpoint intact; a
-  diverging run (NaN) skips steps, then stops without saving anything after the NaN;
+* bad inputs stop with one error line before training and leave a good checkpoint intact (a
+  diverging run: ``test_run_endings.py``);
 * ``--finetune`` starts a new run at iteration 0 with a fresh optimizer;
   ``--keep-last-checkpoints`` keeps only the newest checkpoints.
 """
@@ -38,7 +38,6 @@ from support.training import (
     GOOD_ITERS,
     MOCK,
     NO_DROPOUT,
-    SKIP_LINE,
     TINY,
     TRAIN_LINE,
     _tail,
@@ -235,39 +234,6 @@ def test_bad_input_is_one_error_line_and_keeps_checkpoint(case, good, tmp_path, 
     assert snapshot(ckpt) == before
     assert resolve_load_dir(ckpt) == os.path.join(ckpt, f"iter_{GOOD_ITERS:07d}")
     assert_complete(resolve_load_dir(ckpt))
-
-
-def test_nan_steps_are_skipped_then_stop_without_saving(good, tmp_path, capsys):
-    """--lr 1e30 blows the weights up after one step: the NaN steps are skipped and counted,
-    the run stops after --max-skipped-nan-iters with its message, and no checkpoint is written
-    from the NaN on; the checkpoints from before still load."""
-    ckpt = str(tmp_path / "ckpt")
-    shutil.copytree(good["root"], ckpt)
-    last_good = f"iter_{GOOD_ITERS:07d}"
-    before = snapshot(os.path.join(ckpt, last_good))
-    argv = GOOD_ARGS + [
-        "--train-iters", str(GOOD_ITERS + 10), "--load", ckpt, "--no-load-optim", "--save", ckpt,
-        "--save-interval", "1", "--lr", "1e30", "--lr-warmup-iters", "0", "--max-skipped-nan-iters", "2",
-    ]
-    rc, out, err = run_main(argv, capsys)
-    assert rc == 1, (_tail(out), _tail(err))
-    lines = error_lines(err)
-    assert len(lines) == 1 and "--max-skipped-nan-iters 2" in lines[0], err
-    assert "Traceback" not in err
-
-    # one finite (huge) step, then NaN: skipped steps counted 1/2, 2/2, 3/2, then the stop
-    first = GOOD_ITERS + 1
-    assert sorted(train_log(out)) == [first]
-    skips = [(int(m.group(1)), int(m.group(2)), int(m.group(3))) for m in SKIP_LINE.finditer(out)]
-    assert skips == [(first + 1, 1, 2), (first + 2, 2, 2), (first + 3, 3, 2)]
-
-    # saved: the step before the NaN; nothing from the NaN on
-    assert iter_dirs(ckpt) == sorted([f"iter_{GOOD_ITERS // 2:07d}", last_good, f"iter_{first:07d}"])
-    assert read_tracker(ckpt) == first
-    assert not [name for name in os.listdir(ckpt) if name.endswith(".tmp")]
-    assert snapshot(os.path.join(ckpt, last_good)) == before
-    summary = training.pretrain(GOOD_ARGS + ["--load", os.path.join(ckpt, last_good), "--skip-train"])
-    assert summary["valid"]["valid"] == pytest.approx(good["valid"], abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ 7. branching
