@@ -51,6 +51,7 @@ class LoadReport:
     loaded: List[str] = field(default_factory=list)
     fresh: List[str] = field(default_factory=list)
     schedule: str = "the command line's"
+    weights_only: bool = False  # --finetune / --pretrained-checkpoint
 
     def line(self, state: TrainState) -> str:
         text = f"[checkpoint] loaded {self.ckpt_dir} at iteration {state.iteration}: " + ", ".join(self.loaded)
@@ -120,7 +121,7 @@ def _sharded_request(ckpt_dir, common, model, optimizer, load_optim, load_rng, r
         sharding = optimizer_state.check_loadable(common, optimizer, parallel_layout(), ckpt_dir)
         optimizer_state.prepare_for_load(optimizer)
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True, sharding=sharding)
-    elif optimizer is not None:
+    elif optimizer is not None and not report.weights_only:  # weights only: said once, in load_checkpoint
         report.fresh.append("optimizer (" + ("none saved" if load_optim else "--no-load-optim") + ")")
     if load_rng and _rng_loadable(ckpt_dir, common, report):
         sharded["rng_state"] = rng_sharded_object()
@@ -196,7 +197,7 @@ def load_checkpoint(ckpt_dir: str, model: List[torch.nn.Module], optimizer, sche
     resumed state (iteration 0 with ``finetune``: weights only) and what was loaded."""
     verify_checkpoint(ckpt_dir, checksums)
     common = read_common(ckpt_dir)
-    report = LoadReport(ckpt_dir)
+    report = LoadReport(ckpt_dir, weights_only=finetune)
     if finetune:
         load_optim = load_rng = False
         report.fresh.append("iteration, optimizer, LR schedule, RNG (weights only)")
