@@ -14,7 +14,8 @@ What is checked:
 * a run killed with SIGKILL after a checkpoint resumes to the same losses, bit for bit,
   dropout included (the RNG state is restored);
 * a checkpoint saved by one process evaluates to the same validation loss at TP2, EP2 and PP2;
-* wandb (offline) and TensorBoard receive the logged losses;
+* wandb (offline) and TensorBoard receive the logged losses; a requeued run continues its wandb
+  run;
 * bad inputs stop with one error line before training and leave a good checkpoint intact (a
   diverging run: ``test_run_endings.py``);
 * ``--finetune`` starts a new run at iteration 0 with a fresh optimizer;
@@ -131,6 +132,29 @@ def wandb_records(path: str) -> list:
         record.ParseFromString(whole)
         records.append(record)
     return records
+
+
+def test_wandb_continues_the_same_run_across_requeues(tmp_path, monkeypatch, capsys):
+    """The wandb run id is kept in <save>/wandb/run_id: a requeued command (here stopped by
+    --exit-interval and run again) logs to the same wandb run; a finished one starts none."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ckpt = tmp_path / "ckpt"
+    command = TINY + NO_DROPOUT + MOCK + ["--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt),
+                                          "--exit-interval", "2", "--wandb-project", "bam-tests"]
+    training.pretrain(command)
+    training.pretrain(command)
+    assert training.pretrain(command)["exit_reason"] == "already trained"
+    run_id = (ckpt / "wandb" / "run_id").read_text().strip()
+    runs = sorted(glob.glob(str(ckpt / "wandb" / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs), (run_id, runs)
+    steps = []
+    for run in runs:
+        records = wandb_records(glob.glob(os.path.join(run, "run-*.wandb"))[0])
+        assert {r.run.run_id for r in records if r.WhichOneof("record_type") == "run"} == {run_id}
+        steps.append(sorted(r.history.step.num for r in records if r.WhichOneof("record_type") == "history"
+                            and any((i.key or "/".join(i.nested_key)) == "lm loss" for i in r.history.item)))
+    assert steps == [[1, 2], [3, 4]]
 
 
 def test_wandb_offline_and_tensorboard(tmp_path, monkeypatch, capsys):
