@@ -1,9 +1,9 @@
 """Is the model finite? Checked before every save, so that a diverged model never becomes the
 latest checkpoint.
 
-A diverging run (a far too large ``--lr``) first takes a step with a finite but huge gradient:
-the weights stay finite, yet every later forward pass gives a NaN loss, so a finite loss of the
-step before says nothing about the weights being saved. ``nonfinite_problem`` therefore asks two
+A diverging run (a far too large ``--lr``) first takes a huge but finite step: the weights stay
+finite, yet every later forward pass may give a NaN loss, so the finite loss of that step says
+nothing about the weights it produced. ``nonfinite_problem`` therefore asks two
 questions of the weights as they are, the same on every rank:
 
 - are all parameters finite (one flag per rank, all-reduced);
