@@ -12,6 +12,7 @@ settings, ``RuntimeError`` for conditions met while running), so callers may cat
 from __future__ import annotations
 
 import errno
+import os
 from typing import Optional
 
 DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -20,7 +21,12 @@ DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quot
 
 
 class BAMError(Exception):
-    """A user error; the message is one line naming the problem and the fix."""
+    """A user error; the message is one line naming the problem and the fix.
+
+    ``same_on_every_rank``: every process of a launched job finds this error alike (arguments,
+    files, a collective decision), so one process per node prints it (``reports_job_errors``)."""
+
+    same_on_every_rank = False
 
 
 class ConfigError(BAMError, ValueError):
@@ -61,6 +67,15 @@ class TrainingError(BAMError, RuntimeError):
 
 class PreprocessError(BAMError):
     """A problem with the input or the flags of data preprocessing."""
+
+
+def reports_job_errors() -> bool:
+    """Whether this process prints an error that every process of the job finds alike: the first
+    process of each node (``LOCAL_RANK`` 0, set by torchrun and the SLURM launcher; ``RANK``
+    without it) and a process started on its own. One line per node rather than per rank, so
+    that a problem only one node has (a path missing there) is still printed."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
+    return local.strip() in ("", "0")
 
 
 def human_bytes(n: float) -> str:
@@ -135,5 +150,6 @@ __all__ = [
     "UpcycleError",
     "disk_error",
     "one_line",
+    "reports_job_errors",
     "user_error_in",
 ]

@@ -56,6 +56,7 @@ class LoadReport:
     loaded: List[str] = field(default_factory=list)
     fresh: List[str] = field(default_factory=list)
     schedule: str = "the command line's"
+    weights_only: bool = False  # --finetune / --pretrained-checkpoint
 
     def line(self, state: TrainState) -> str:
         text = f"[checkpoint] loaded {self.ckpt_dir} at iteration {state.iteration}: " + ", ".join(self.loaded)
@@ -92,7 +93,7 @@ def _sharded_request(ckpt: Checkpoint, model, optimizer, load_optim, load_rng, r
         sharding = optimizer_state.check_loadable(common, optimizer, parallel_layout(), ckpt_dir)
         optimizer_state.prepare_for_load(optimizer)
         sharded["optimizer"] = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True, sharding=sharding)
-    elif optimizer is not None:
+    elif optimizer is not None and not report.weights_only:  # weights only: said once, in load_checkpoint
         report.fresh.append("optimizer (" + ("none saved" if load_optim else "--no-load-optim") + ")")
     if load_rng and _rng_loadable(ckpt, report):
         sharded["rng_state"] = rng_sharded_object()
@@ -139,14 +140,17 @@ def _restore(loaded: dict, sharded: dict, unexpected, model, optimizer, report: 
 
 def _restore_schedule(scheduler, common: dict, load_optim: bool, report: LoadReport) -> None:
     """The scheduler: the checkpoint's state (megatron-core's rules for which values win), or with
-    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step."""
-    from bam_megatron.training.schedule import continue_schedule
+    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step. The
+    loaded param groups then take the scheduler's values (they carry the saved ``max_lr`` /
+    ``min_lr``, which megatron-core's ``get_lr`` prefers; ``schedule.apply_to_param_groups``)."""
+    from bam_megatron.training.schedule import apply_to_param_groups, continue_schedule
 
     if scheduler is None:
         return
     saved = common.get("opt_param_scheduler")
     if load_optim and saved:
         scheduler.load_state_dict(saved)
+        apply_to_param_groups(scheduler)
         report.loaded.append("LR scheduler")
         report.schedule = (
             "the command line's (--override-opt-param-scheduler)" if scheduler.override_opt_param_scheduler
@@ -165,7 +169,7 @@ def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, s
     RNG. Returns the resumed state (iteration 0 with ``finetune``: weights only) and what was
     loaded."""
     common = ckpt.common
-    report = LoadReport(ckpt.dir)
+    report = LoadReport(ckpt.dir, weights_only=finetune)
     if finetune:
         load_optim = load_rng = False
         report.fresh.append("iteration, optimizer, LR schedule, RNG (weights only)")

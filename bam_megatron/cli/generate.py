@@ -137,6 +137,20 @@ def _print_results(results, prompts, tokenizer, fmt: str) -> None:
     sys.stdout.flush()
 
 
+def _tokenize(tokenizer, prompt: str) -> List[int]:
+    """A text prompt's ids; a prompt the checkpoint's tokenizer cannot read (words for a
+    NullTokenizer, which reads ids) is one line naming it and the way out."""
+    from bam_megatron.errors import InferenceError, TokenizerConfigError
+
+    try:
+        return tokenizer.tokenize(prompt)
+    except TokenizerConfigError as exc:
+        raise InferenceError(
+            f"prompt {prompt[:60]!r} cannot be tokenized: {exc}; give the ids with --prompt-token-ids 1,2,3 "
+            "(or a checkpoint with a text tokenizer, or --tokenizer-type / --tokenizer-model)"
+        ) from None
+
+
 def run(args) -> int:
     """Load, generate, print (on rank 0). User errors raise ``BAMError``."""
     import torch.distributed as dist
@@ -157,7 +171,7 @@ def run(args) -> int:
         ckpt, tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
         vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
     ) if need_tokenizer else None
-    ids = [tokenizer.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    ids = [_tokenize(tokenizer, p) if isinstance(p, str) else p for p in prompts]
     eos = None if args.ignore_eos else (args.eos_id if args.eos_id is not None else (tokenizer.eod if tokenizer else None))
     vocab = tokenizer.vocab_size if tokenizer else model_args.padded_vocab_size
     check_prompts(ids, model_args.max_position_embeddings, vocab)  # before any process group

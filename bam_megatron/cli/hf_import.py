@@ -1,7 +1,8 @@
 """Import a local Hugging Face model folder as a checkpoint of this project.
 
     python tools/hf_import.py path/to/Llama-3.2-1B --output ckpt/seed
-    python pretrain_bam.py --load ckpt/seed --use-checkpoint-args ...      # train it
+    python pretrain_bam.py --pretrained-checkpoint ckpt/seed --use-checkpoint-args \
+        --load ckpt/seed_trained --save ckpt/seed_trained ...              # train it (the import stays as it is)
     python tools/upcycle_bam.py -o ckpt/bam ckpt/seed ckpt/code ...         # or mix it
 
 Reads ``config.json`` and the safetensors weights (sharded or not; no hub access) of
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _trained(output: str) -> str:
+    """A folder beside the import for training it (``--load`` / ``--save``)."""
+    return output.rstrip("/") + "_trained"
+
+
 def _summary(result) -> str:
     s, a = result.spec, result.args
     lines = [
@@ -55,7 +61,8 @@ def _summary(result) -> str:
                            if result.tokenizer else "none (pass the tokenizer flags when training)"),
         *(f"  note: {n}" for n in result.notes),
         f"  read {result.bytes_read / 1024**3:.2f} GiB, wrote {result.bytes_written / 1024**3:.2f} GiB, {result.seconds:.1f} s",
-        f"  train it: python pretrain_bam.py --load {result.output} --use-checkpoint-args ...",
+        f"  train it (into its own folder; the import stays as it is): python pretrain_bam.py --pretrained-checkpoint "
+        f"{result.output} --use-checkpoint-args --load {_trained(result.output)} --save {_trained(result.output)} ...",
     ]
     return "\n".join(lines)
 

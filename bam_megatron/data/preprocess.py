@@ -15,7 +15,7 @@ import time
 from typing import Dict, Iterable, Iterator, List, Tuple
 
 from bam_megatron.data.tokenizers import TokenizerConfigError, build_tokenizer_from_args
-from bam_megatron.errors import PreprocessError
+from bam_megatron.errors import BAMError, PreprocessError
 
 # --------------------------------------------------------------------------------------------
 # Encoding (runs in the worker processes)
@@ -78,9 +78,10 @@ def _encode_line(item: Tuple[int, bytes]):
         for piece in pieces:
             try:
                 ids = tokenizer.tokenize(piece)
-            except Exception as e:  # e.g. a NullTokenizer line that is not integers
+            except Exception as e:  # e.g. NullTokenizer text that is not ids below --vocab-size
+                why = str(e) if isinstance(e, BAMError) else f"{type(e).__name__}: {e}"
                 return ("error", lineno, f"{where}: line {lineno}: key {key!r} cannot be "
-                                         f"tokenized ({type(e).__name__}: {e})", nbytes)
+                                         f"tokenized ({why})", nbytes)
             if len(ids) > 0:
                 doc_ids.extend(ids)
                 sentence_lens.append(len(ids))

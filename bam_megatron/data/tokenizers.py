@@ -21,7 +21,8 @@ Types (``--tokenizer-type``), all working offline:
   (``eod`` = the model's eos id). Needs the ``sentencepiece`` package.
 * ``NullTokenizer``: ``--vocab-size V``; text is space-separated integers; megatron-core's
   class: ids ``0..V-1`` plus ``eod = V``, so ``tokenizer.vocab_size == V + 1`` and
-  ``eod == tokenizer.vocab_size - 1`` (as in Megatron-LM).
+  ``eod == tokenizer.vocab_size - 1`` (as in Megatron-LM). Text that is not ids ``0..V-1`` is
+  refused in one line (``CheckedNullModel``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from megatron.core.tokenizers import MegatronTokenizer
 from megatron.core.tokenizers.text.libraries.abstract_tokenizer import (
     MegatronTokenizerTextAbstract,
 )
+from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer as MegatronNullModel
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
 from bam_megatron.data.tokenizer_args import SENTENCEPIECE_TYPES, TOKENIZER_TYPES
@@ -393,6 +395,32 @@ def _as_list(ids) -> List[int]:
     return [int(i) for i in ids]
 
 
+class CheckedNullModel(MegatronNullModel):
+    """megatron-core's ``NullTokenizer`` library (text is space-separated token ids; ``eod`` is
+    ``V``) that refuses text which is not ids of its vocabulary ``0..V-1``: megatron-core's own
+    ends in ``ValueError: invalid literal for int()`` on words and passes ids past
+    ``--vocab-size`` through (to be found, or not, much later)."""
+
+    def text_to_ids(self, text: str) -> List[int]:
+        size = self._vocab_size_without_eod
+        ids = []
+        for piece in text.split():
+            try:
+                value = int(piece)
+            except ValueError:
+                raise TokenizerConfigError(
+                    f"the NullTokenizer reads text as space-separated token ids 0..{size - 1}, and "
+                    f"{piece[:40]!r} is not a number"
+                ) from None
+            if not 0 <= value < size:
+                raise TokenizerConfigError(
+                    f"token id {value} is outside the NullTokenizer's vocabulary 0..{size - 1} "
+                    f"(--vocab-size {size})"
+                )
+            ids.append(value)
+        return ids
+
+
 # --------------------------------------------------------------------------------------------
 # megatron-core tokenizer objects around our libraries
 # --------------------------------------------------------------------------------------------
@@ -511,9 +539,12 @@ def build_tokenizer(
             raise TokenizerConfigError("NullTokenizer needs --vocab-size")
         if isinstance(vocab_size, bool) or int(vocab_size) != vocab_size or vocab_size < 1:
             raise TokenizerConfigError(f"--vocab-size must be a positive int, got {vocab_size!r}")
-        return MegatronTokenizer.from_pretrained(
+        tokenizer = MegatronTokenizer.from_pretrained(
             metadata_path={"library": "null"}, vocab_size=int(vocab_size)
         )
+        # megatron-core's object (its class names the dataset caches) around a checked library
+        tokenizer._tokenizer = CheckedNullModel(int(vocab_size))
+        return tokenizer
 
     raise TokenizerConfigError(
         f"unknown --tokenizer-type {tokenizer_type!r}; choose one of {', '.join(TOKENIZER_TYPES)}"

@@ -9,8 +9,9 @@ the checkpoint of its model again: BTX, BAM, Nexus, shared expert — whatever i
     <output>/tokenizer/                               the folder's tokenizer files
 
 The recorded arguments are this project's model arguments (``ModelSpec.to_args``) plus the
-tokenizer flags (paths relative to ``<output>``), so ``pretrain_bam.py --load <output>
---use-checkpoint-args`` trains the model and ``tools/upcycle_bam.py`` mixes it.
+tokenizer flags (paths relative to ``<output>``), so ``pretrain_bam.py --pretrained-checkpoint
+<output> --use-checkpoint-args --load RUN --save RUN`` trains the model (into its own folder: the
+import stays as it is) and ``tools/upcycle_bam.py`` mixes it.
 
 Order of work (the upcycle tool's): every check first — output path, ``config.json`` (the
 adapter refuses, naming the field, whatever is not exact), the safetensors index, then a *plan*

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from bam_megatron.errors import LayoutError
 from bam_megatron.parallel.device import get_device, release_device, select_device
+from bam_megatron.parallel.sizes import validate_parallel_layout
 
 __all__ = [
     "DistributedInfo",
@@ -66,38 +67,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise LayoutError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def validate_parallel_layout(
-    world_size: int,
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
-    expert_tensor_parallel_size: Optional[int] = None,
-) -> None:
-    """Raise a one-line ``LayoutError`` if the parallel sizes cannot tile ``world_size``."""
-    tp, pp, ep = tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size
-    etp = tp if expert_tensor_parallel_size is None else expert_tensor_parallel_size
-    for flag, value in (
-        ("tensor-model-parallel-size", tp),
-        ("pipeline-model-parallel-size", pp),
-        ("expert-model-parallel-size", ep),
-        ("expert-tensor-parallel-size", etp),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise LayoutError(f"{flag} must be a positive integer, got {value!r}")
-    if world_size % (tp * pp) != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} × "
-            f"pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes "
-            f"or change the parallel sizes"
-        )
-    if world_size % (etp * ep * pp) != 0:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by expert-tensor-parallel-size {etp} × "
-            f"expert-model-parallel-size {ep} × pipeline-model-parallel-size {pp}; launch a "
-            f"multiple of {etp * ep * pp} processes or change the expert parallel sizes"
-        )
 
 
 def _launch_env() -> Tuple[bool, int, int, int]:

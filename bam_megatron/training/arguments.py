@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from types import SimpleNamespace
 from typing import List, Optional
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.data.tokenizer_args import add_tokenizer_args
+from bam_megatron.errors import LayoutError, reports_job_errors
 from bam_megatron.model.model_args import ARCHITECTURE
 
 # Arguments that define the model (and so must match a checkpoint that is loaded).
@@ -27,10 +29,11 @@ MODEL_ARGS = ARCHITECTURE
 
 
 class _Parser(argparse.ArgumentParser):
-    """``argparse`` without the 60-line usage dump before an error: one line, exit code 2."""
+    """``argparse`` without the 60-line usage dump before an error: one line, exit code 2,
+    printed once per node of a launched job (every rank finds the same error)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if reports_job_errors() else None)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +115,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-iters", type=int, default=None, help="Decay steps (default --train-iters).")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear", help="Decay shape.")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="Optimizer (adam = AdamW).")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay.")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="Weight decay (constant; see --weight-decay-incr-style).")
+    g.add_argument("--start-weight-decay", type=float, default=None, help="Weight decay at the start of a linear / cosine --weight-decay-incr-style.")
+    g.add_argument("--end-weight-decay", type=float, default=None, help="Weight decay at --train-iters of a linear / cosine --weight-decay-incr-style.")
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant", help="How weight decay goes from --start-weight-decay to --end-weight-decay over --train-iters (constant: --weight-decay throughout).")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
@@ -122,7 +128,8 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="Full recompute method.")
     g.add_argument("--recompute-num-layers", type=int, default=None, help="Layers per recompute chunk (full).")
     g.add_argument("--recompute-modules", nargs="*", default=None, help="Selective recompute modules: core_attn mlp moe moe_act.")
-    g.add_argument("--max-skipped-nan-iters", type=int, default=10, help="Skip up to this many steps with a NaN/inf loss or gradient, then stop.")
+    g.add_argument("--max-skipped-nan-iters", type=int, default=10, help="Skip up to this many steps with a NaN/inf loss or gradient, then stop (without saving).")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", help="Stop at the first step with a NaN/inf loss or gradient, without saving (Megatron-LM's check; instead of skipping up to --max-skipped-nan-iters steps).")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -237,6 +244,7 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
         args.lr_decay_iters = args.train_iters
     _finalize_batch(args, parser)
     _check(parser, args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    _finalize_weight_decay(args, parser)
     if not args.skip_train and args.lr_decay_style != "constant":
         _check(parser, args.lr_warmup_iters < args.lr_decay_iters,
                f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
@@ -265,14 +273,98 @@ def finalize_args(args: argparse.Namespace, parser: Optional[argparse.ArgumentPa
            "--use-checkpoint-args needs --load (or --pretrained-checkpoint)")
     _check(parser, args.recompute_granularity != "full" or args.recompute_method is not None,
            "--recompute-granularity full needs --recompute-method uniform|block")
+    check_layout(args)
     return args
+
+
+def bam_config(args):
+    """``BAMConfig`` (attention experts, routing, block type) of ``args``; its own checks raise
+    ``BAMConfigError``."""
+    from bam_megatron.model.config import BAMConfig
+
+    return BAMConfig(
+        attn_experts=args.bam_attn_experts,
+        attn_routing=args.bam_attn_routing,
+        attn_topk=args.bam_attn_topk,
+        attn_topk_renormalize=args.bam_attn_topk_renormalize,
+        kv_sharing=args.bam_kv_sharing,
+        parallel_block=not args.bam_sequential_block,
+        ffn_router=args.moe_router_type,
+        nexus_domain_size=args.nexus_domain_size,
+        nexus_projection_size=args.nexus_projection_size,
+    )
+
+
+def _config_view(args) -> SimpleNamespace:
+    """The fields of megatron-core's ``TransformerConfig`` that ``validate_bam_setup`` reads, from
+    the arguments (``configs.transformer_config_from_args`` builds the real one later)."""
+    return SimpleNamespace(
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        num_layers=args.num_layers, ffn_hidden_size=args.ffn_hidden_size, normalization=args.normalization,
+        num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        sequence_parallel=args.sequence_parallel, add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias, qk_layernorm=args.qk_layernorm,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules or [],
+    )
+
+
+def check_layout(args) -> None:
+    """The model, the parallel sizes and the launched world fit each other, checked on the
+    arguments alone (no torch, before any process group): the rules of
+    ``model/config.validate_bam_setup`` (e.g. FFN experts with TP > 1 need --sequence-parallel),
+    ``parallel/sizes.validate_parallel_layout`` with torchrun's / SLURM's ``WORLD_SIZE``, and
+    the global batch over the data-parallel ranks. Both run again on the built objects.
+
+    Raises:
+        BAMConfigError, LayoutError: one line naming the flags and the fix.
+    """
+    from bam_megatron.model.config import validate_bam_setup
+    from bam_megatron.parallel.sizes import validate_parallel_layout
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    world = _world_size()
+    validate_parallel_layout(world, tp, pp, args.expert_model_parallel_size, args.expert_tensor_parallel_size)
+    validate_bam_setup(_config_view(args), bam_config(args))
+    per_step = args.micro_batch_size * max(1, world // (tp * pp))
+    if args.global_batch_size % per_step:
+        raise LayoutError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} × data-parallel size {per_step // args.micro_batch_size}; pick a "
+            f"multiple of {per_step}"
+        )
+
+
+def _world_size() -> int:
+    """The launched world size (torchrun / the SLURM launcher set ``WORLD_SIZE``; 1 without)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _finalize_weight_decay(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's weight-decay schedule: constant ``--weight-decay`` (start = end), or
+    ``--start-weight-decay`` to ``--end-weight-decay`` (both needed) over ``--train-iters``."""
+    if args.weight_decay_incr_style == "constant":
+        _check(parser, args.start_weight_decay is None and args.end_weight_decay is None,
+               "--start-weight-decay / --end-weight-decay need --weight-decay-incr-style linear or cosine "
+               "(constant uses --weight-decay)")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+        return
+    _check(parser, args.start_weight_decay is not None and args.end_weight_decay is not None,
+           f"--weight-decay-incr-style {args.weight_decay_incr_style} needs --start-weight-decay and --end-weight-decay")
+    _check(parser, 0.0 <= args.start_weight_decay <= args.end_weight_decay,
+           f"--start-weight-decay {args.start_weight_decay} must be between 0 and --end-weight-decay "
+           f"{args.end_weight_decay} (weight decay only increases)")
 
 
 def _finalize_batch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """``--global-batch-size`` defaults to one micro-batch per data-parallel rank (Megatron-LM:
     data-parallel size = world size / (TP × PP), the world size from torchrun's WORLD_SIZE)."""
     _check(parser, args.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {args.micro_batch_size}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = _world_size()
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     data_parallel = max(1, world // model_parallel)
     if args.global_batch_size is None:

@@ -131,21 +131,11 @@ def _moe_kwargs(model: ModelArgs, compute: ComputeSettings) -> dict:
 
 
 def bam_config_from_args(args):
-    """``BAMConfig`` (attention experts, routing, block type) of a ``ModelArgs`` (or a command
-    line: the same names)."""
-    from bam_megatron.model.config import BAMConfig
+    """``BAMConfig`` (attention experts, routing, block type) of a ``ModelArgs`` or a command line
+    (the same names; ``arguments.bam_config``)."""
+    from bam_megatron.training.arguments import bam_config
 
-    return BAMConfig(
-        attn_experts=args.bam_attn_experts,
-        attn_routing=args.bam_attn_routing,
-        attn_topk=args.bam_attn_topk,
-        attn_topk_renormalize=args.bam_attn_topk_renormalize,
-        kv_sharing=args.bam_kv_sharing,
-        parallel_block=not args.bam_sequential_block,
-        ffn_router=args.moe_router_type,
-        nexus_domain_size=args.nexus_domain_size,
-        nexus_projection_size=args.nexus_projection_size,
-    )
+    return bam_config(args)
 
 
 def gpt_model_kwargs(args) -> dict:

@@ -13,7 +13,6 @@ The loss is the mean over all loss-masked tokens (not a mean of per-batch means)
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import List, Optional
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from bam_megatron.parallel.device import get_device
-from bam_megatron.training.metrics import print_rank_last, validation_line
+from bam_megatron.training.metrics import perplexity, print_rank_last, validation_line
 from bam_megatron.training.routing import RoutingRecorder
 from bam_megatron.training.step import batch_to_device, check_vocabulary, clear_moe_tracker
 
@@ -81,7 +80,7 @@ def evaluate(run, data_iterator, steps: int) -> Optional[float]:
     return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
-def _plan(run, dataset):
+def validation_plan(run, dataset):
     """(dataset to read, global batches to read) for one evaluation of ``dataset``."""
     from bam_megatron.data.datasets import pad_to_multiple
 
@@ -100,7 +99,7 @@ def run_validation(run, iteration: int) -> None:
     sets += list(datasets.valid_sets.items())
     metrics = {}
     for name, ds in sets:
-        dataset, steps = _plan(run, ds)
+        dataset, steps = validation_plan(run, ds)
         with RoutingRecorder(run.model, run.args.num_layers) as recorder:
             loss = evaluate(run, run.data_iterator(dataset, cyclic=True), steps)
         routing = recorder.result()  # collective: every rank
@@ -111,6 +110,6 @@ def run_validation(run, iteration: int) -> None:
         print_rank_last(validation_line(iteration, loss, name))
         key = f"validation/{name}" if name else "validation"
         metrics[f"{key}/lm loss"] = loss
-        metrics[f"{key}/lm loss PPL"] = math.exp(min(20.0, loss))
+        metrics[f"{key}/lm loss PPL"] = perplexity(loss)
         run.summary["valid"][name or "valid"] = loss
     run.logger.log(metrics, iteration)

@@ -4,6 +4,11 @@ megatron-core has no training loop; this one drives its pieces the way Megatron-
 pipeline schedules of ``get_forward_backward_func`` (no pipelining or 1F1B), the optimizer
 (skipped steps on overflow), ``OptimizerParamScheduler`` (stepped in samples), torch_dist
 checkpoints (``checkpoint/train_state.py``) and the logs of ``metrics.py``.
+
+Non-finite values: a step with a NaN/inf loss or gradient is skipped, up to
+``--max-skipped-nan-iters`` times (with ``--check-for-nan-in-loss-and-grad``: none), then the run
+stops without saving; a model that is not finite is never saved (``finite.py``). Each stop names
+the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.distributed as dist
 from bam_megatron.errors import TrainingError
 from bam_megatron.parallel.device import peak_memory_gib, synchronize
 from bam_megatron.training.evaluate import run_validation
+from bam_megatron.training.finite import last_good_checkpoint, nonfinite_problem
 from bam_megatron.training.metrics import print_rank_0, print_rank_last, training_line
 from bam_megatron.training.routing import RoutingRecorder
 from bam_megatron.training.step import (
@@ -28,6 +34,12 @@ from bam_megatron.training.step import (
     reduce_losses,
     routing_metrics,
 )
+
+
+def _everywhere(exc: TrainingError) -> TrainingError:
+    """``exc``, marked as found alike by every rank (a decision all ranks reduced together)."""
+    exc.same_on_every_rank = True
+    return exc
 
 
 def args_dict(args) -> dict:
@@ -95,15 +107,22 @@ class Trainer:
             return False
         self.nan_iters += 1
         self.state.skipped_iterations += 1
-        limit = self.args.max_skipped_nan_iters
         what = f"loss is {loss}" if bad_loss else "gradient is not finite"
+        if self.args.check_for_nan_in_loss_and_grad:
+            raise _everywhere(TrainingError(
+                f"iteration {self.state.iteration}: {what} (--check-for-nan-in-loss-and-grad); stopping "
+                f"without saving; the last good checkpoint is {last_good_checkpoint(self.args.save)}. "
+                "Lower --lr or check the data"
+            ))
+        limit = self.args.max_skipped_nan_iters
         print_rank_last(f"[train] iteration {self.state.iteration}: {what}; step skipped "
                         f"({self.nan_iters}/{limit} allowed)")
         if self.nan_iters > limit:
-            raise TrainingError(
+            raise _everywhere(TrainingError(
                 f"{self.nan_iters} steps with a NaN/inf loss or gradient (more than "
-                f"--max-skipped-nan-iters {limit}); stopping without saving. Lower --lr or check the data"
-            )
+                f"--max-skipped-nan-iters {limit}); stopping without saving; the last good checkpoint is "
+                f"{last_good_checkpoint(self.args.save)}. Lower --lr or check the data"
+            ))
         clear_moe_tracker()  # the skipped step's aux losses must not reach the next log
         return True
 
@@ -157,11 +176,19 @@ class Trainer:
     # -------------------------------------------------------------------------------- save
 
     def save(self) -> None:
-        """A checkpoint of the current iteration (once per iteration)."""
+        """A checkpoint of the current iteration (once per iteration) — of a finite model only
+        (``finite.py``): a diverged one stops the run, naming the last good checkpoint."""
         from bam_megatron.checkpoint.save import save_checkpoint
 
         run, args = self.run, self.args
         if args.save and self.last_saved != self.state.iteration:
+            problem = nonfinite_problem(run)
+            if problem:
+                raise _everywhere(TrainingError(
+                    f"the model at iteration {self.state.iteration} is not finite ({problem}): not saved, "
+                    f"stopping; the last good checkpoint is {last_good_checkpoint(args.save)}. Lower --lr "
+                    "or check the data"
+                ))
             path = save_checkpoint(args.save, self.state, run.model, run.optimizer, run.scheduler,
                                    self.saved_args, args.keep_last_checkpoints, checksums=args.checkpoint_checksums)
             self.last_saved = self.state.iteration

@@ -1,7 +1,8 @@
 """Training logs: Megatron-LM's console lines, wandb and TensorBoard.
 
 Only the last rank logs (it holds the loss under pipeline parallelism). wandb runs offline with
-``WANDB_MODE=offline`` (no key, no network; ``wandb sync`` uploads later).
+``WANDB_MODE=offline`` (no key, no network; ``wandb sync`` uploads later); a run with ``--save``
+keeps its wandb run id there, so a resumed or requeued run continues the same wandb run.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import secrets
 from typing import Dict, Optional
 
 import torch.distributed as dist
@@ -28,6 +30,32 @@ def print_rank_0(message: str) -> None:
         print(message, flush=True)
 
 
+WANDB_RUN_ID = os.path.join("wandb", "run_id")
+
+
+def wandb_run_id(args) -> Optional[str]:
+    """The wandb run of a training run: its id is kept in ``<save>/wandb/run_id`` (8 random hex
+    digits the first time, written atomically), so that every requeue or resume of the
+    same command logs to the same wandb run (``resume="allow"``). None (a new run each time)
+    without ``--save`` or for an evaluation-only run."""
+    if not args.save or args.skip_train:
+        return None
+    path = os.path.join(args.save, WANDB_RUN_ID)
+    try:
+        with open(path) as f:
+            kept = f.read().strip()
+        if kept:
+            return kept
+    except FileNotFoundError:
+        pass
+    run_id = secrets.token_hex(4)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(run_id + "\n")
+    os.replace(path + ".tmp", path)
+    return run_id
+
+
 class MetricsLogger:
     """Console + wandb + TensorBoard sink for scalar metrics (last rank only)."""
 
@@ -42,10 +70,13 @@ class MetricsLogger:
 
             save_dir = args.wandb_save_dir or os.path.join(args.save or ".", "wandb")
             os.makedirs(save_dir, exist_ok=True)
+            run_id = wandb_run_id(args)
             self.wandb = wandb.init(
                 project=args.wandb_project,
                 name=args.wandb_exp_name,
                 dir=save_dir,
+                id=run_id,
+                resume="allow" if run_id else None,
                 config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
             )
         if args.tensorboard_dir:
@@ -123,8 +154,16 @@ def duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped at ``exp(20)`` as Megatron-LM does; NaN for a NaN loss (not the cap:
+    ``min(20, nan)`` is 20) and inf for an infinite one."""
+    if not math.isfinite(loss):
+        return loss
+    return math.exp(min(20.0, loss))
+
+
 def validation_line(iteration: int, loss: float, name: Optional[str] = None) -> str:
     """Megatron-LM's validation line; ``name`` for a named (per-domain) validation set."""
-    ppl = math.exp(min(20.0, loss))
+    ppl = perplexity(loss)
     where = f"validation loss ({name})" if name else "validation loss"
     return f" {where} at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"

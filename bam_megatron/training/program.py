@@ -2,20 +2,23 @@
 
 Order of work: arguments → where to start from (``start.py``: ``--load``, a fresh start from
 ``--pretrained-checkpoint``, or scratch; the checkpoint opened by ``checkpoint/opener``: found,
-index files verified, read without running code) → checks that need no process group
+index files verified, read without running code; a resumed run already at ``--train-iters``
+stops here with one line and exit code 0, touching nothing) → checks that need no process group
 (tokenizer, checkpoint arguments and schedule, the ``--save`` directory) → process groups → the
 checkpoint's tensor data verified (the ranks share the files) → the ``--save`` lock → model →
 optimizer → checkpoint loaded → data → train / evaluate. ``pretrain(argv)`` returns
 a summary (losses, validation, routing, why it stopped) on every rank; ``main(argv)`` turns a user
-error (``BAMError``) into one line and exit code 1.
+error (``BAMError``) into one line and exit code 1 — printed by one process per node when every
+rank finds it (arguments, files, a collective decision), by the rank that found it otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
-from bam_megatron.errors import BAMError, CheckpointError
+from bam_megatron.errors import BAMError, CheckpointError, reports_job_errors
 from bam_megatron.training import arguments as cli
 
 
@@ -125,14 +128,32 @@ def _execute(args, bam, tokenizer, start) -> dict:
     return run.summary
 
 
+def _already_finished(args, start) -> bool:
+    """A resumed run that is at (or past) ``--train-iters`` has nothing to do: one line, and
+    nothing is built, locked or written (a requeued finished job, a re-run pipeline)."""
+    if args.skip_train or not start.resume or start.iteration < args.train_iters:
+        return False
+    if os.environ.get("RANK", "0") == "0":  # one line for the whole job
+        print(f"[train] already trained to iteration {start.iteration}; nothing to do "
+              f"(--train-iters {args.train_iters}, checkpoint {start.ckpt_dir})", flush=True)
+    return True
+
+
 def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run ``pretrain_bam.py`` with ``argv``; returns a summary (final losses) on every rank."""
-    args, start = _parse(argv)  # before any torch import: --help and argument errors answer at once
+    try:
+        args, start = _parse(argv)  # before any torch import: --help and argument errors answer at once
+        if _already_finished(args, start):
+            return {"train_losses": [], "valid": {}, "routing": {}, "iteration": start.iteration,
+                    "exit_reason": "already trained"}
+        bam, tokenizer = _prepare(args, start)
+    except BAMError as exc:
+        exc.same_on_every_rank = True  # found before any process group, from the same arguments and files
+        raise
     from bam_megatron.checkpoint.opener import ensure_verified
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
     from bam_megatron.training.start import hold_save_lock
 
-    bam, tokenizer = _prepare(args, start)
     init_distributed(
         args.tensor_model_parallel_size,
         args.pipeline_model_parallel_size,
@@ -156,8 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         pretrain(argv)
     except BAMError as exc:
-        # one write per line: the ranks of a torchrun job share stderr
-        sys.stderr.write(f"pretrain_bam.py: error: {exc}\n")
-        sys.stderr.flush()
+        if reports_job_errors() or not exc.same_on_every_rank:  # once per node when every rank has it
+            # one write per line: the ranks of a torchrun job share stderr
+            sys.stderr.write(f"pretrain_bam.py: error: {exc}\n")
+            sys.stderr.flush()
         return 1
     return 0

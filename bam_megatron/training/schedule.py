@@ -12,8 +12,17 @@ batch size every step). When a run resumes a checkpoint that holds scheduler sta
 - ``--use-checkpoint-opt-param-scheduler``: the checkpoint's values win.
 
 With ``--no-load-optim`` (but not ``--finetune``) the command line's schedule continues from the
-checkpoint's step count (``continue_schedule``). ``describe`` is the start-up line that says
-where the schedule stands.
+checkpoint's step count (``continue_schedule``).
+
+Where the learning rate comes from: ``OptimizerParamScheduler.get_lr`` reads ``max_lr`` and
+``min_lr`` from each optimizer param group (megatron-core puts ``--lr`` / ``--min-lr`` there when
+it builds the optimizer) and falls back to its own values only for a group without them. Loading
+a checkpoint's optimizer state replaces the param groups with the saved ones, so without more the
+saved ``max_lr`` / ``min_lr`` would win over an overriding command line while the scheduler (and
+its ``state_dict``) said otherwise. ``apply_to_param_groups`` makes the scheduler the one source:
+after a load, every param group that follows the default schedule takes the scheduler's values.
+``describe`` is the start-up line that says where the schedule stands, read back from the param
+groups the optimizer steps with.
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ _FIELDS: List[Tuple[str, Tuple[str, ...], str, Callable, str]] = [
     ("lr_decay_steps", ("end_iter", "decay_steps"), "--lr-decay-iters",
      lambda a: a.lr_decay_iters * a.global_batch_size, "samples"),
     ("lr_decay_style", ("decay_style",), "--lr-decay-style", lambda a: a.lr_decay_style, "value"),
-    ("start_wd", (), "--weight-decay", lambda a: float(a.weight_decay), "value"),
-    ("end_wd", (), "--weight-decay", lambda a: float(a.weight_decay), "value"),
+    ("start_wd", (), "--start-weight-decay", lambda a: float(a.start_weight_decay), "value"),
+    ("end_wd", (), "--end-weight-decay", lambda a: float(a.end_weight_decay), "value"),
+    ("wd_incr_style", (), "--weight-decay-incr-style", lambda a: a.weight_decay_incr_style, "value"),
 ]
 
 
@@ -77,6 +87,23 @@ def check_resumed_schedule(args, saved_state: dict, saved_args: dict, ckpt_dir: 
         )
 
 
+def apply_to_param_groups(scheduler) -> None:
+    """Make the optimizer step with the scheduler's schedule (see the module docstring): every
+    param group that follows the default schedule (megatron-core's ``default_config``; groups
+    with their own learning rate keep it) takes the scheduler's ``max_lr`` / ``min_lr`` (and
+    ``start_wd`` / ``end_wd`` where a group carries them), then ``lr`` and ``weight_decay`` are
+    recomputed at the current step."""
+    values = {"max_lr": scheduler.max_lr, "min_lr": scheduler.min_lr,
+              "start_wd": scheduler.start_wd, "end_wd": scheduler.end_wd}
+    for group in scheduler.optimizer.param_groups:
+        if not group.get("default_config", True):
+            continue
+        for key, value in values.items():
+            if key in ("max_lr", "min_lr") or key in group:
+                group[key] = value
+    scheduler.step(increment=0)
+
+
 def continue_schedule(scheduler, saved_state: Optional[dict], consumed_samples: int) -> None:
     """``--no-load-optim``: keep the command line's schedule, continued from the checkpoint's
     step count (its scheduler's, else its consumed samples)."""
@@ -85,14 +112,29 @@ def continue_schedule(scheduler, saved_state: Optional[dict], consumed_samples: 
     scheduler.step(increment=0)
 
 
+def _default_group(scheduler) -> dict:
+    """The first param group on the default schedule (the one the training line logs)."""
+    groups = scheduler.optimizer.param_groups
+    return next((g for g in groups if g.get("default_config", True)), groups[0] if groups else {})
+
+
 def describe(scheduler, iteration: int, train_iters: int, gbs: int, source: str) -> str:
-    """``[schedule] ...`` start-up line: step, total, warm-up and decay, current LR, source."""
+    """``[schedule] ...`` start-up line: step, total, warm-up and decay, the peak and final
+    learning rates and the weight decay as the optimizer's param groups hold them, the learning
+    rate of the next step, and where the schedule came from."""
     if scheduler is None:
         return f"[schedule] no training (iteration {iteration})"
-    lr = scheduler.get_lr(scheduler.optimizer.param_groups[0])
+    group = _default_group(scheduler)
+    max_lr, min_lr = group.get("max_lr", scheduler.max_lr), group.get("min_lr", scheduler.min_lr)
+    lr = scheduler.get_lr(group) if group else scheduler.max_lr
+    if scheduler.wd_incr_style == "constant":
+        wd = f"weight decay {scheduler.get_wd(group or None):g}"
+    else:
+        wd = (f"weight decay {scheduler.wd_incr_style} from {scheduler.start_wd:g} to {scheduler.end_wd:g} "
+              f"(now {scheduler.get_wd(group or None):g})")
     return (
         f"[schedule] iteration {iteration} of {train_iters} ({scheduler.num_steps} of {train_iters * gbs} "
         f"samples); warm-up {scheduler.lr_warmup_steps / gbs:g} iterations, {scheduler.lr_decay_style} decay "
-        f"to iteration {scheduler.lr_decay_steps / gbs:g} from {scheduler.max_lr:g} to {scheduler.min_lr:g}; "
+        f"to iteration {scheduler.lr_decay_steps / gbs:g} from {max_lr:g} to {min_lr:g}; {wd}; "
         f"learning rate now {lr:.6g} ({source})"
     )

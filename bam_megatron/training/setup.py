@@ -97,10 +97,10 @@ def build_scheduler(args, optimizer):
         lr_warmup_steps=args.lr_warmup_iters * gbs,
         lr_decay_steps=args.lr_decay_iters * gbs,
         lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay,
         wd_incr_steps=args.train_iters * gbs,
-        wd_incr_style="constant",
+        wd_incr_style=args.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler,
     )

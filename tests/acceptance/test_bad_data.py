@@ -1,12 +1,15 @@
 """Damaged, foreign or empty data, found before training (or at the first batch) with one line
 naming the file: truncated .idx / .bin, an .idx of another dataset, an empty dataset, token ids
-the model's vocabulary cannot hold, a corrupt .idx, --micro-batch-size 0."""
+the model's vocabulary cannot hold, a corrupt .idx header, a corrupted pointer table or document
+index (which would otherwise pass and fail, or not, when training reaches the documents),
+--micro-batch-size 0."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 
 import pytest
 from support.training import BAM, NO_DROPOUT, TINY, error_lines, run_main
@@ -54,6 +57,12 @@ def _case(data, case: str):
         with open(prefix + ".idx", "r+b") as f:
             f.write(b"GARBAGE!!")
         return prefix, [".idx", "bad header"]
+    if case == "corrupted-pointer-table":  # the header, the sizes and the last pointer still agree
+        _poke_index(prefix, table="pointers", entry=100, value=10**9)
+        return prefix, [".idx", "sequence 100", "pointer table"]
+    if case == "corrupted-document-index":
+        _poke_index(prefix, table="documents", entry=50, value=10**6)
+        return prefix, [".idx", "document 50", "document index"]
     if case == "empty":
         empty = _make(d, "empty", [])
         return empty, ["no documents"]
@@ -62,7 +71,18 @@ def _case(data, case: str):
     raise ValueError(case)
 
 
-CASES = ["truncated-idx", "truncated-bin", "idx-of-another-dataset", "corrupt-idx", "empty", "token-ids-beyond-vocabulary"]
+CASES = ["truncated-idx", "truncated-bin", "idx-of-another-dataset", "corrupt-idx", "corrupted-pointer-table",
+         "corrupted-document-index", "empty", "token-ids-beyond-vocabulary"]
+
+
+def _poke_index(prefix: str, table: str, entry: int, value: int) -> None:
+    """Overwrite one int64 of the ``.idx``'s pointer table or document index in place."""
+    with open(prefix + ".idx", "r+b") as f:
+        header = f.read(34)
+        sequences = struct.unpack("<Q", header[18:26])[0]
+        start = 34 + 4 * sequences + (0 if table == "pointers" else 8 * sequences)
+        f.seek(start + 8 * entry)
+        f.write(struct.pack("<q", value))
 
 
 @pytest.mark.parametrize("case", CASES)

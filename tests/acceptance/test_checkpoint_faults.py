@@ -130,15 +130,6 @@ def test_a_complete_leftover_is_loaded_when_the_tracked_folder_is_missing(good, 
     assert read_tracker(ckpt) == GOOD_ITERS + 2
 
 
-def test_a_finished_run_restarted_resaves_its_last_iteration_safely(good, tmp_path, capsys):
-    ckpt = _copy(good, tmp_path)
-    rc, _out, err = run_main(GOOD_ARGS + ["--load", ckpt, "--save", ckpt], capsys)
-    assert rc == 0, err
-    assert read_tracker(ckpt) == GOOD_ITERS
-    assert_complete(iteration_dir(ckpt, GOOD_ITERS))
-    assert not [n for n in os.listdir(ckpt) if ".old-" in n or n.endswith(".tmp")]
-
-
 # ------------------------------------------------------------------------------------ damage
 
 

@@ -1,5 +1,6 @@
 """tools/generate.py end to end on a trained BAM checkpoint: JSON output, text prompts through the
-checkpoint's tokenizer, the one-line error for a prompt longer than the context, and the same
+checkpoint's tokenizer, the one-line errors for a prompt longer than the context and for words
+given to a NullTokenizer checkpoint, and the same
 greedy tokens under torchrun at EP2 (each rank its own prompts) as in one process."""
 
 import json
@@ -51,6 +52,17 @@ def test_prompt_longer_than_the_context_is_one_line(good, capsys):
     assert rc == 1 and out == ""
     assert err == ("generate.py: error: prompt 0 has 40 tokens but the model's context is 32 tokens; "
                    "shorten it to at most 31 tokens\n")
+
+
+def test_a_word_for_a_null_tokenizer_is_one_line(good, capsys):
+    """The checkpoint's NullTokenizer reads ids; a word is a one-line error, not a traceback."""
+    rc = program.main(["--load", good["root"], "--prompt", "hello"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "" and "Traceback" not in err
+    assert err == ("generate.py: error: prompt 'hello' cannot be tokenized: the NullTokenizer reads text as "
+                   "space-separated token ids 0..127, and 'hello' is not a number; give the ids with "
+                   "--prompt-token-ids 1,2,3 (or a checkpoint with a text tokenizer, or --tokenizer-type / "
+                   "--tokenizer-model)\n")
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 * a longer --train-iters (so a longer decay) without a flag: one-line refusal naming both values;
 * with --override-opt-param-scheduler: the learning rates of a fresh run with the new schedule,
-  at the same iterations (never the old schedule's decayed-to-zero tail);
+  at the same iterations (never the old schedule's decayed-to-zero tail) — for a longer
+  --train-iters and for each other schedule flag alone (--lr, --min-lr, --lr-warmup-iters,
+  --lr-decay-iters, --lr-decay-style), and the start-up line states the new values;
 * with --use-checkpoint-opt-param-scheduler: the checkpoint's schedule continues;
 * --no-load-optim (not --finetune): the schedule continues from the loaded iteration;
 * the first log lines state the schedule: step, total, current learning rate.
@@ -48,6 +50,53 @@ def test_override_gives_a_fresh_runs_learning_rates(saved, tmp_path, capsys):
         assert resumed[it] == pytest.approx(fresh[it], rel=1e-6), it
     assert resumed[11] > 1e-3  # mid-decay of the new schedule, not the old schedule's end (3e-4)
     assert "[schedule] iteration 10 of 20" in out and "--override-opt-param-scheduler" in out
+
+
+@pytest.fixture(scope="module")
+def halfway(tmp_path_factory):
+    """A 12-iteration run (cosine, warm-up 2, --lr 3e-3, --min-lr 3e-4) stopped and saved at 6."""
+    ckpt = str(tmp_path_factory.mktemp("sched_half") / "ckpt")
+    training.pretrain(BASE + ["--train-iters", "12", "--save", ckpt, "--exit-interval", "6"])
+    return ckpt
+
+
+CHANGES = {
+    "lr": (["--lr", "1e-3"], "from 0.001 to 0.0003"),
+    "min-lr": (["--min-lr", "1.5e-3"], "from 0.003 to 0.0015"),
+    "warm-up": (["--lr-warmup-iters", "8"], "warm-up 8 iterations"),
+    "decay-iters": (["--lr-decay-iters", "30"], "decay to iteration 30"),
+    "decay-style": (["--lr-decay-style", "linear"], "linear decay"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_override_applies_each_schedule_flag(halfway, change, capsys):
+    """Resuming at 6 with one schedule flag changed and --override-opt-param-scheduler: the
+    learning rates of iterations 7..12 are a fresh run's with the same flags (not the
+    checkpoint's, whose param groups carry the old --lr / --min-lr), and the [schedule] line
+    states the new value."""
+    flags, stated = CHANGES[change]
+    argv = BASE + ["--train-iters", "12"] + flags
+    fresh, _ = _lrs(argv, capsys)
+    resumed, out = _lrs(argv + ["--load", halfway, "--override-opt-param-scheduler"], capsys)
+    assert sorted(resumed) == list(range(7, 13))
+    for it in range(7, 13):
+        assert resumed[it] == pytest.approx(fresh[it], rel=1e-6), (it, resumed, fresh)
+    line = next(x for x in out.splitlines() if x.startswith("[schedule]"))
+    assert "iteration 6 of 12" in line and stated in line, line
+
+
+def test_override_applies_the_weight_decay(halfway, capsys):
+    """A new --weight-decay (and a weight-decay schedule) takes effect on resume."""
+    rc, out, err = run_main(BASE + ["--train-iters", "12", "--load", halfway, "--weight-decay", "0.1"], capsys)
+    assert rc == 1 and "--start-weight-decay 0.1 differs from the 0.01" in err, err
+    _, out = _lrs(BASE + ["--train-iters", "12", "--load", halfway, "--weight-decay", "0.1",
+                          "--override-opt-param-scheduler"], capsys)
+    assert "; weight decay 0.1;" in out
+    _, out = _lrs(BASE + ["--train-iters", "12", "--load", halfway, "--weight-decay-incr-style", "linear",
+                          "--start-weight-decay", "0", "--end-weight-decay", "0.12",
+                          "--override-opt-param-scheduler"], capsys)
+    assert "; weight decay linear from 0 to 0.12 (now 0.06);" in out
 
 
 def test_checkpoint_schedule_continues_with_its_flag(saved, capsys):

@@ -39,6 +39,10 @@ def test_cli_records_model_and_tokenizer(hf_models, tmp_path, capsys):
     assert cli.main([folder, "--output", str(out), "--seq-length", "64"]) == 0
     captured = capsys.readouterr()
     assert "imported CohereForCausalLM" in captured.out and "[hf_import]" in captured.err
+    # the closing hint trains into a folder of its own, never into the import
+    trained = f"{out}_trained"
+    assert f"--pretrained-checkpoint {out} --use-checkpoint-args --load {trained} --save {trained}" in captured.out
+    assert f"--load {out} " not in captured.out
     args = common_state(resolve_checkpoint_dir(str(out)))["args"]
     assert args["tokenizer_type"] == "HuggingFaceTokenizer" and args["tokenizer_model"] == "tokenizer/tokenizer.json"
     assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "tokenizer" / "tokenizer_config.json").is_file()

@@ -113,6 +113,23 @@ def test_preprocess_bad_input_one_line_error(lines, match, workers, bpe_files, t
     assert not os.path.exists(f"{out}_text_document.idx")
 
 
+@pytest.mark.parametrize("text, match", [
+    ("1 2 299", r"line 2: key 'text' cannot be tokenized \(token id 299 is outside the NullTokenizer's "
+                r"vocabulary 0\.\.127 \(--vocab-size 128\)\)"),
+    ("1 2 128", r"token id 128 is outside"),  # 128 is the eod id, not text
+    ("hello", r"line 2: key 'text' cannot be tokenized \(the NullTokenizer reads text as space-separated "
+              r"token ids 0\.\.127, and 'hello' is not a number\)"),
+])
+def test_preprocess_null_tokenizer_refuses_ids_outside_its_vocabulary(text, match, tmp_path):
+    src = tmp_path / "ids.jsonl"
+    src.write_text('{"text": "0 1 127"}\n' + f'{{"text": "{text}"}}\n')
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=match) as info:
+        _preprocess(["--input", src, "--output-prefix", out, "--tokenizer-type", "NullTokenizer", "--vocab-size", "128"])
+    assert "\n" not in str(info.value.code)
+    assert not os.path.exists(f"{out}_text_document.bin") and not os.path.exists(f"{out}_text_document.idx")
+
+
 def test_preprocess_bad_utf8_and_missing_files(bpe_files, tmp_path):
     src = tmp_path / "latin1.jsonl"
     src.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
