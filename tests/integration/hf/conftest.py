@@ -2,8 +2,6 @@
 remote model code private to this session, tiny random models per module."""
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -23,18 +21,3 @@ def hf_models(tmp_path_factory):
         folder = str(root / name)
         out[name] = (folder, make_hf_model(folder, cls, seed=i, **overrides))
     return out
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_remote_code_cache():
-    """transformers copies ``trust_remote_code`` files into a cache named after the model folder
-    (``.../transformers_modules/hf/``), shared by every process of the machine: a private one per
-    session keeps concurrent runs from reading each other's half-written copies."""
-    from transformers import dynamic_module_utils
-
-    folder = tempfile.mkdtemp(prefix="hf_modules_")
-    previous = dynamic_module_utils.HF_MODULES_CACHE
-    dynamic_module_utils.HF_MODULES_CACHE = folder
-    yield folder
-    dynamic_module_utils.HF_MODULES_CACHE = previous
-    shutil.rmtree(folder, ignore_errors=True)
