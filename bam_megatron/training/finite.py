@@ -20,7 +20,6 @@ named as it is).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -72,10 +71,10 @@ def nonfinite_problem(run) -> Optional[str]:
 
 def last_good_checkpoint(save_dir: Optional[str]) -> str:
     """The checkpoint a stopped run leaves to resume from, in words."""
-    from bam_megatron.checkpoint.layout import TRACKER, iteration_dir, read_tracker
+    from bam_megatron.checkpoint.opener import has_checkpoint, resolve_checkpoint_dir
 
     if not save_dir:
         return "none (no --save)"
-    if not os.path.isfile(os.path.join(save_dir, TRACKER)):
+    if not has_checkpoint(save_dir):
         return f"none in --save {save_dir} yet"
-    return iteration_dir(save_dir, read_tracker(save_dir))
+    return resolve_checkpoint_dir(save_dir)

@@ -39,7 +39,8 @@ from support.training import (
 )
 
 from bam_megatron import training
-from bam_megatron.checkpoint.layout import TRACKER, iteration_dir, read_tracker
+from bam_megatron.checkpoint.layout import TRACKER, iteration_dir
+from bam_megatron.checkpoint.opener import read_tracker
 from bam_megatron.training import loop
 
 LAST_GOOD = f"iter_{GOOD_ITERS:07d}"
