@@ -77,4 +77,7 @@ def last_good_checkpoint(save_dir: Optional[str]) -> str:
         return "none (no --save)"
     if not has_checkpoint(save_dir):
         return f"none in --save {save_dir} yet"
-    return resolve_checkpoint_dir(save_dir)
+    try:
+        return resolve_checkpoint_dir(save_dir)
+    except CheckpointError as exc:  # named in an error message: say what is wrong instead
+        return f"none usable in --save {save_dir} ({exc})"
