@@ -72,6 +72,7 @@ def nonfinite_problem(run) -> Optional[str]:
 def last_good_checkpoint(save_dir: Optional[str]) -> str:
     """The checkpoint a stopped run leaves to resume from, in words."""
     from bam_megatron.checkpoint.opener import has_checkpoint, resolve_checkpoint_dir
+    from bam_megatron.errors import CheckpointError
 
     if not save_dir:
         return "none (no --save)"
