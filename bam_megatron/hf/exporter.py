@@ -29,15 +29,15 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from bam_megatron.checkpoint.dcp_reader import is_model_entry
 from bam_megatron.checkpoint.opener import DEFAULT_OPTIONS, Checkpoint, OpenOptions, open_checkpoint, tensor_reader
-from bam_megatron.checkpoint.tool_output import check_free_space, check_output, move_into_place, new_temporary, raise_disk_error
+from bam_megatron.checkpoint.tool_output import OWNER_FILE, OutputTransaction, check_free_space, check_output
 from bam_megatron.data.tokenizer_files import files_of
 from bam_megatron.errors import CheckpointError, HFError
 from bam_megatron.hf import tokenizer_files as TF
 from bam_megatron.hf.adapters import export_candidates
 from bam_megatron.hf.adapters.base import HF_LAYER_PREFIX, Adapter
-from bam_megatron.hf.progress import Progress
 from bam_megatron.hf.safetensors_io import PlannedEntry, SafetensorsWriter
 from bam_megatron.hf.spec import LP, ModelSpec, spec_from_checkpoint
+from bam_megatron.progress import Progress
 from bam_megatron.upcycle.mapping import canonical_key
 
 BAM_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bam_model")
@@ -201,20 +201,14 @@ def hf_export(ckpt: str, output: str, opts: ExportOptions, progress: Optional[Ca
     tok = _tokenizer(opts, opened)
     check_free_space(output, sum(e.nbytes for e in entries), HFError)
     result = ExportResult(os.path.abspath(output), adapter.architecture, spec, reasons, tok)
-    tmp = new_temporary(output)
-    try:
-        writer = SafetensorsWriter(tmp, entries, opts.shard_bytes, opts.sync)
+    with OutputTransaction(result.output, error=HFError, sync=opts.sync) as out:
+        writer = out.keep(SafetensorsWriter(out.tmp, entries, opts.shard_bytes, opts.sync))
         report = Progress("hf_export", progress, spec.num_layers + 2, lambda: source.reader.bytes_read, lambda: writer.bytes_written)
         _write_weights(adapter, spec, source, writer, opts.dtype, report)
         writer.close()
-        _write_metadata(tmp, adapter, spec, entries, tok)
-        result.files = sorted(os.listdir(tmp))
-        move_into_place(tmp, result.output, opts.sync)
-        report(f"done: {result.output}")
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_disk_error(exc, tmp, result.output)
-        raise
+        _write_metadata(out.tmp, adapter, spec, entries, tok)
+        result.files = sorted(n for n in os.listdir(out.tmp) if n != OWNER_FILE)
+    report(f"done: {result.output}")
     result.bytes_read, result.bytes_written = source.reader.bytes_read, writer.bytes_written
     result.seconds = time.perf_counter() - start
     return result

@@ -25,7 +25,6 @@ under ``<output>.tmp-*`` and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Set
@@ -34,21 +33,14 @@ import torch
 
 from bam_megatron.checkpoint.dcp_writer import PartWriter, PlannedTensor
 from bam_megatron.checkpoint.layout import FORMAT_VERSION, iteration_dir
-from bam_megatron.checkpoint.tool_output import (
-    check_free_space,
-    check_output,
-    finish_checkpoint,
-    move_into_place,
-    new_temporary,
-    raise_disk_error,
-)
+from bam_megatron.checkpoint.tool_output import OutputTransaction, check_free_space, check_output
 from bam_megatron.errors import HFError, one_line
 from bam_megatron.hf import tokenizer_files as TF
 from bam_megatron.hf.adapters import HFConfig, importer_for
 from bam_megatron.hf.adapters.base import HF_LAYER_PREFIX, Adapter
-from bam_megatron.hf.progress import Progress
 from bam_megatron.hf.safetensors_io import SafetensorsFolder
 from bam_megatron.hf.spec import LP, NEXUS_DOMAIN, ModelSpec, checkpoint_shapes
+from bam_megatron.progress import Progress
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers older transformers versions saved
 
@@ -209,27 +201,17 @@ def hf_import(hf_dir: str, output: str, opts: ImportOptions, progress: Optional[
     args = {**plan.spec.to_args(), **tok_args, **_training_args(plan.cfg)}
     check_free_space(output, sum(t.nbytes for t in plan.outputs.values()), HFError)
     result = ImportResult(os.path.abspath(output), plan.adapter.architecture, plan.spec, args, tok, notes)
-    tmp = new_temporary(output)
-    writer = None
     try:
-        writer = PartWriter(os.path.join(tmp, "parts"), opts.part_bytes, opts.sync)
-        report = Progress("hf_import", progress, plan.spec.num_layers + 3, lambda: plan.weights.bytes_read, lambda: writer.bytes_written)
-        _write_weights(plan, writer, report)
-        if tok is not None:
-            TF.copy_files(tok, os.path.join(tmp, TF.TOKENIZER_DIR))
-        finish_checkpoint(tmp, writer, plan.outputs, _common_state(args, hf_dir, plan), opts.sync)
-        report(f"merged {writer.num_parts} parts")
-        move_into_place(tmp, result.output, opts.sync)
+        with OutputTransaction(result.output, error=HFError, sync=opts.sync) as out:
+            writer = out.keep(PartWriter(os.path.join(out.tmp, "parts"), opts.part_bytes, opts.sync))
+            report = Progress("hf_import", progress, plan.spec.num_layers + 3, lambda: plan.weights.bytes_read,
+                              lambda: writer.bytes_written)
+            _write_weights(plan, writer, report)
+            if tok is not None:
+                TF.copy_files(tok, os.path.join(out.tmp, TF.TOKENIZER_DIR))
+            out.finish_checkpoint(writer, plan.outputs, _common_state(args, hf_dir, plan))
+            report(f"merged {writer.num_parts} parts")
         report(f"done: {iteration_dir(result.output, 0)}")
-    except BaseException as exc:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:  # the original error matters more than a failing writer thread
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_disk_error(exc, tmp, result.output)
-        raise
     finally:
         plan.weights.close()
     result.bytes_read, result.bytes_written = plan.weights.bytes_read, writer.bytes_written

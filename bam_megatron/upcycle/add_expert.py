@@ -24,7 +24,6 @@ written under ``<output>.tmp-*`` and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -41,19 +40,12 @@ from bam_megatron.checkpoint.opener import (
     relative_tokenizer,
     unverified_inputs,
 )
-from bam_megatron.checkpoint.tool_output import (
-    check_free_space,
-    check_output,
-    finish_checkpoint,
-    move_into_place,
-    new_temporary,
-    raise_disk_error,
-)
+from bam_megatron.checkpoint.tool_output import OutputTransaction, check_free_space, check_output
 from bam_megatron.errors import UpcycleError
+from bam_megatron.progress import GIB, Progress
 from bam_megatron.upcycle import extension as X
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle import nexus
-from bam_megatron.upcycle.mix import GIB, _Progress
 from bam_megatron.upcycle.plan import CARRIED_ARGS, UpcycleOptions, output_args
 from bam_megatron.upcycle.seeds import SAME_ARGS, Architecture, Seed, check_same_tokenizer, check_seeds, open_seed
 
@@ -323,29 +315,17 @@ def add_expert(
         ext.notes.append("the output records no checksums, since not every input was verified against its own ("
                          + "; ".join(unverified) + ")")
     output = os.path.abspath(output)
-    tmp = new_temporary(output)
-    writer, readers = None, []
-    say = progress or (lambda _m: None)
-    try:
-        writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
+    readers = []
+    with OutputTransaction(output, error=UpcycleError, sync=sync) as out:
+        writer = out.keep(PartWriter(os.path.join(out.tmp, "parts"), part_bytes, sync, crc32))
         readers = [ext.moe.reader(), ext.dense.reader()]
-        carry_tokenizer(ext.moe.checkpoint.tokenizer, tmp)
+        carry_tokenizer(ext.moe.checkpoint.tokenizer, out.tmp)
         blocks_of = _blocks(ext, readers)
         total = sum(len(b) for b in blocks_of.values()) + len(ext.rules) - len(blocks_of) + 1
-        report = _Progress(lambda m: say(m.replace("[upcycle]", "[add-expert]", 1)), total, readers, writer)
+        report = Progress("add-expert", progress, total, lambda: sum(r.bytes_read for r in readers), lambda: writer.bytes_written)
         _stream(ext, readers, writer, blocks_of, report)
-        finish_checkpoint(tmp, writer, ext.plan, _common_state(ext, moe_path, dense_path), sync, checksums=not unverified)
+        out.finish_checkpoint(writer, ext.plan, _common_state(ext, moe_path, dense_path), checksums=not unverified)
         report(f"merged {writer.num_parts} parts")
-        move_into_place(tmp, output, sync)
-    except BaseException as exc:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_disk_error(exc, tmp, output, UpcycleError)
-        raise
     return AddExpertResult(ext, output, iteration_dir(output, 0), sum(r.bytes_read for r in readers),
                            writer.bytes_written, writer.num_parts, time.perf_counter() - start)
 

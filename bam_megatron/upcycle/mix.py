@@ -52,7 +52,6 @@ dense, and fit the mode; every problem is an ``UpcycleError`` with a one-line me
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -70,15 +69,9 @@ from bam_megatron.checkpoint.opener import (
     relative_tokenizer,
     unverified_inputs,
 )
-from bam_megatron.checkpoint.tool_output import (
-    check_free_space,
-    check_output,
-    finish_checkpoint,
-    move_into_place,
-    new_temporary,
-    raise_disk_error,
-)
+from bam_megatron.checkpoint.tool_output import OutputTransaction, check_free_space, check_output
 from bam_megatron.errors import UpcycleError
+from bam_megatron.progress import GIB, Progress
 from bam_megatron.upcycle import mapping as U
 from bam_megatron.upcycle import nexus
 from bam_megatron.upcycle.plan import (
@@ -99,8 +92,6 @@ from bam_megatron.upcycle.seeds import (
     check_seeds,
     open_seed,
 )
-
-GIB = 1024**3
 
 
 class _Mean:
@@ -208,27 +199,6 @@ def _nexus_domains(opts: UpcycleOptions, n: int):
     if opts.router != "nexus":
         return None
     return nexus.load_upcycle_domains(opts.domain_embeddings, opts.domains, opts.routed_experts(n))
-
-
-class _Progress:
-    """``[upcycle] step/total what | read | written | seconds`` lines, at most every 2 s except
-    where ``always``."""
-
-    def __init__(self, say: Callable[[str], None], total: int, readers, writer: PartWriter):
-        self.say, self.total, self.readers, self.writer = say, total, readers, writer
-        self.step, self.start, self.last = 0, time.perf_counter(), 0.0
-
-    def __call__(self, what: str, always: bool = True) -> None:
-        self.step += 1
-        now = time.perf_counter()
-        if not always and now - self.last < 2.0:
-            return
-        self.last = now
-        read = sum(r.bytes_read for r in self.readers)
-        self.say(
-            f"[upcycle] {self.step:>5}/{self.total} {what:<44} read {read / GIB:7.2f} GiB | "
-            f"written {self.writer.bytes_written / GIB:7.2f} GiB | {now - self.start:7.1f} s"
-        )
 
 
 def _mix_global_tensors(arch, seeds, readers, weights, writer, mode, progress, shared_expert=False) -> None:
@@ -369,38 +339,26 @@ def upcycle(
     notes = _input_notes([s.checkpoint for s in seeds])
     n = len(seeds)
     output = os.path.abspath(output)
-    tmp = new_temporary(output)
-    writer = None
-    try:
-        writer = PartWriter(os.path.join(tmp, "parts"), part_bytes, sync, crc32)
+    with OutputTransaction(output, error=UpcycleError, sync=sync) as out:
+        writer = out.keep(PartWriter(os.path.join(out.tmp, "parts"), part_bytes, sync, crc32))
         readers = [s.reader() for s in seeds]
         result = UpcycleResult(output, iteration_dir(output, 0), seeds, arch, plan, args,
                                count_parameters(plan, n, args), weights, opts, domains=domains, notes=notes)
-        carry_tokenizer(seeds[0].checkpoint.tokenizer, tmp)
+        carry_tokenizer(seeds[0].checkpoint.tokenizer, out.tmp)
         blocks_of = {
             key: layer_blocks(arch.num_layers, [r.chunks(s.tensors[key].source_key) for s, r in zip(seeds, readers)])
             for key in arch.layer_keys
         }
         total = sum(len(b) for b in blocks_of.values()) + len(arch.global_keys) + 2
-        report = _Progress(progress or (lambda _msg: None), total, readers, writer)
+        report = Progress("upcycle", progress, total, lambda: sum(r.bytes_read for r in readers), lambda: writer.bytes_written)
         shared = opts.has_shared_expert
         _mix_global_tensors(arch, seeds, readers, weights, writer, opts.mode, report, shared)
         _mix_layer_tensors(arch, seeds, readers, weights, writer, opts.mode, blocks_of, report, shared)
         result.router_std = _write_routers(arch, n, opts, plan, writer, result.domains)
         report("routers")
         common = _common_state(args, seeds, weights, opts, result.router_std, result.domains)
-        finish_checkpoint(tmp, writer, plan, common, sync, checksums=not unverified_inputs([s.checkpoint for s in seeds]))
+        out.finish_checkpoint(writer, plan, common, checksums=not unverified_inputs([s.checkpoint for s in seeds]))
         report(f"merged {writer.num_parts} parts")
-        move_into_place(tmp, output, sync)
-    except BaseException as exc:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise_disk_error(exc, tmp, output, UpcycleError)
-        raise
     result.bytes_read = sum(r.bytes_read for r in readers)
     result.bytes_written = writer.bytes_written
     result.num_parts = writer.num_parts
