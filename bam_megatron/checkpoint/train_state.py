@@ -138,36 +138,14 @@ def _restore(loaded: dict, sharded: dict, unexpected, model, optimizer, report: 
             report.loaded.append("RNG state")
 
 
-def _restore_schedule(scheduler, common: dict, load_optim: bool, report: LoadReport) -> None:
-    """The scheduler: the checkpoint's state (megatron-core's rules for which values win), or with
-    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step. The
-    loaded param groups then take the scheduler's values (they carry the saved ``max_lr`` /
-    ``min_lr``, which megatron-core's ``get_lr`` prefers; ``schedule.apply_to_param_groups``)."""
-    from bam_megatron.training.schedule import apply_to_param_groups, continue_schedule
-
-    if scheduler is None:
-        return
-    saved = common.get("opt_param_scheduler")
-    if load_optim and saved:
-        scheduler.load_state_dict(saved)
-        apply_to_param_groups(scheduler)
-        report.loaded.append("LR scheduler")
-        report.schedule = (
-            "the command line's (--override-opt-param-scheduler)" if scheduler.override_opt_param_scheduler
-            else "the checkpoint's" if scheduler.use_checkpoint_opt_param_scheduler else "the checkpoint's (same values)"
-        )
-    elif int(common.get("iteration", 0)) > 0 or saved:
-        continue_schedule(scheduler, saved, int(common.get("consumed_train_samples", 0)))
-        report.schedule = "the command line's, continued from the checkpoint's step"
-
-
-def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, scheduler, *,
+def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, *,
                     load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False) -> Tuple[TrainState, LoadReport]:
     """Verify the tensor data of ``ckpt`` (opened by ``checkpoint/opener``), then load it into the
-    model and, unless told otherwise or absent from the checkpoint, the optimizer, scheduler and
-    RNG. Returns the resumed state (iteration 0 with ``finetune``: weights only) and what was
-    loaded."""
+    model and, unless told otherwise or absent from the checkpoint, the optimizer and RNG.
+    Returns the resumed state (iteration 0 with ``finetune``: weights only) and what was loaded.
+    The scheduler's state is the training program's to restore (``training/schedule.py``), from
+    ``ckpt.common``."""
     common = ckpt.common
     report = LoadReport(ckpt.dir, weights_only=finetune)
     if finetune:
@@ -183,7 +161,6 @@ def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, s
     upcycling = ckpt.provenance.upcycling
     if finetune:
         return TrainState(upcycling=upcycling), report
-    _restore_schedule(scheduler, common, load_optim, report)
     state = TrainState(
         iteration=ckpt.iteration,
         consumed_train_samples=int(common.get("consumed_train_samples", 0)),

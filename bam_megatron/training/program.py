@@ -82,15 +82,17 @@ def _load(run, start) -> None:
     """Load the start point into the run (weights, and optimizer / scheduler / RNG as asked)."""
     from bam_megatron.checkpoint.train_state import load_checkpoint
     from bam_megatron.training.metrics import print_rank_0
-    from bam_megatron.training.schedule import describe
+    from bam_megatron.training.schedule import describe, restore_schedule
 
     args = run.args
     source = "the command line's"
     if start.checkpoint:
         run.state, report = load_checkpoint(
-            start.checkpoint, run.model, run.optimizer, run.scheduler,
+            start.checkpoint, run.model, run.optimizer,
             load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=start.finetune,
         )
+        if not start.finetune:
+            restore_schedule(run.scheduler, start.checkpoint.common, not args.no_load_optim, report)
         print_rank_0(report.line(run.state))
         source = report.schedule
     if not args.skip_train:

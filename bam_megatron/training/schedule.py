@@ -138,3 +138,25 @@ def describe(scheduler, iteration: int, train_iters: int, gbs: int, source: str)
         f"to iteration {scheduler.lr_decay_steps / gbs:g} from {max_lr:g} to {min_lr:g}; {wd}; "
         f"learning rate now {lr:.6g} ({source})"
     )
+
+
+def restore_schedule(scheduler, common: dict, load_optim: bool, report) -> None:
+    """The scheduler: the checkpoint's state (megatron-core's rules for which values win), or with
+    ``--no-load-optim`` the command line's schedule continued from the checkpoint's step. The
+    loaded param groups then take the scheduler's values (they carry the saved ``max_lr`` /
+    ``min_lr``, which megatron-core's ``get_lr`` prefers; ``apply_to_param_groups``). ``common``:
+    the checkpoint's non-tensor state; ``report``: its ``LoadReport``, told what was restored."""
+    if scheduler is None:
+        return
+    saved = common.get("opt_param_scheduler")
+    if load_optim and saved:
+        scheduler.load_state_dict(saved)
+        apply_to_param_groups(scheduler)
+        report.loaded.append("LR scheduler")
+        report.schedule = (
+            "the command line's (--override-opt-param-scheduler)" if scheduler.override_opt_param_scheduler
+            else "the checkpoint's" if scheduler.use_checkpoint_opt_param_scheduler else "the checkpoint's (same values)"
+        )
+    elif int(common.get("iteration", 0)) > 0 or saved:
+        continue_schedule(scheduler, saved, int(common.get("consumed_train_samples", 0)))
+        report.schedule = "the command line's, continued from the checkpoint's step"
