@@ -28,10 +28,10 @@ import sys
 import tempfile
 import time
 
+from bench_upcycle import GIB, du, run_with_rusage  # beside this script (the script's folder is on the path)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-from bench_upcycle import GIB, du, run_with_rusage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="where the models go (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep everything written")
     p.add_argument("--repeat", type=int, default=3, help="runs of every measurement (the median is reported)")
+    p.add_argument("--make-hf-folder", default=None, metavar="DIR", help=argparse.SUPPRESS)  # the model, in its own process
     return p.parse_args(argv)
 
 
@@ -102,6 +103,9 @@ def _tool(name: str, src: str, out: str) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.make_hf_folder:
+        make_hf_folder(args.make_hf_folder, args)
+        return 0
     work = args.workdir or tempfile.mkdtemp(prefix="bench_hf_")
     os.makedirs(work, exist_ok=True)
     hf, ckpt, back, copy = (os.path.join(work, n) for n in ("hf", "ckpt", "hf_back", "copy"))
@@ -110,8 +114,8 @@ def main(argv=None) -> int:
     try:
         if not os.path.isdir(hf):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_hf; "
-                            f"bench_hf.make_hf_folder({hf!r}, bench_hf.parse_args({sys.argv[1:]!r}))"], check=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
+                            "--make-hf-folder", hf], check=True)
             print(f"wrote {hf} in {time.perf_counter() - t0:.1f} s", flush=True)
         runs = {k: [] for k in ("cp hf", "import", "cp ckpt", "export", "import (in the tool)", "export (in the tool)")}
         peaks = {"import": [], "export": []}

@@ -26,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${BAM_PYTHON:-$(bash scripts/setup_env.sh)}  # BAM_PYTHON: use this interpreter as it is
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
+export WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1
 
 OUT=${OUT:-runs/quickstart}
 DATA=${DATA:-data}

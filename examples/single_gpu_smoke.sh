@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
 OUT=${OUT_DIR:-runs/single_gpu_smoke}
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore
+export WANDB_MODE=${WANDB_MODE:-offline}
 COMMON=(
   --num-layers 4 --hidden-size 512 --num-attention-heads 8 --ffn-hidden-size 1408
   --seq-length 512 --max-position-embeddings 512 --swiglu --normalization RMSNorm

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh)
 OUT=${OUT_DIR:-runs/smoke}
-export WANDB_MODE=${WANDB_MODE:-offline} PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export WANDB_MODE=${WANDB_MODE:-offline} OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 ARGS=(
   --num-layers 2 --hidden-size 128 --num-attention-heads 4 --seq-length 64 --swiglu
   --normalization RMSNorm --position-embedding-type rope --disable-bias-linear

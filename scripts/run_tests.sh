@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh test)
-export WANDB_MODE=offline PYTHONWARNINGS=ignore
+export WANDB_MODE=offline
 "$PY" -m ruff check --quiet .
 exec "$PY" -m pytest -q "$@"

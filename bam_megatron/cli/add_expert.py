@@ -21,11 +21,11 @@ before anything is written, with one line naming the problem.
 from __future__ import annotations
 
 import argparse
-import warnings
 from typing import List, Optional
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import stderr_progress, user_error
+from bam_megatron.library_messages import quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.checkpoint.dcp_writer import release_freed_buffers
     from bam_megatron.checkpoint.opener import open_options
     from bam_megatron.errors import BAMError

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from bam_megatron.library_messages import quiet_libraries
 from bam_megatron.sample_data.corpus import (
     DEFAULT_CHUNK_CHARS,
     DEFAULT_SEED,
@@ -56,5 +57,6 @@ def build_sample_data(argv: Optional[Sequence[str]] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (exit status 0 on success)."""
+    quiet_libraries()
     build_sample_data(argv)
     return 0

@@ -12,6 +12,7 @@ import sys
 from typing import List, Optional
 
 from bam_megatron.cli.console import user_error
+from bam_megatron.library_messages import quiet_libraries
 from bam_megatron.sample_data.tasks import (
     DEFAULT_CHOICES,
     DEFAULT_CONTEXT_CHARS,
@@ -23,6 +24,7 @@ from bam_megatron.sample_data.tasks import (
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     p = argparse.ArgumentParser(prog="build_tasks.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--data", default="data", help="Corpus folder with <domain>_valid.jsonl (default: data).")
     p.add_argument("--out", default=None, help="Output folder (default: <data>/tasks).")

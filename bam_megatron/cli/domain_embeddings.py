@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
+from bam_megatron.library_messages import quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag, value in (("--tokens", args.tokens), ("--micro-batch-size", args.micro_batch_size), ("--seq-length", args.seq_length)):
@@ -49,7 +50,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.path.lexists(args.output) and not args.force:
         print(f"domain_embeddings.py: error: output {args.output} exists; pass --force to replace it", file=sys.stderr)
         return 1
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.checkpoint.opener import open_checkpoint, open_options
     from bam_megatron.errors import BAMError
     from bam_megatron.training.domain_embeddings import compute_domain_embeddings, parse_domains

@@ -31,6 +31,7 @@ import sys
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
+from bam_megatron.library_messages import quiet_libraries
 
 PROG = "evaluate_bam.py"
 LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size")
@@ -143,6 +144,7 @@ def _evaluate_all(args, models, passthrough, domains):
 
 
 def main(argv=None) -> int:
+    quiet_libraries()
     args, models, passthrough = parse_args(argv)
     from bam_megatron.errors import BAMError
     from bam_megatron.evaluation.report import format_table, write_csv

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import List, Optional
 
+from bam_megatron.library_messages import quiet_libraries
+
 PROG = "generate.py"
 
 
@@ -207,6 +209,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     args = parse_args(argv)
     from bam_megatron.errors import BAMError
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import List, Optional
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import stderr_progress, user_error
+from bam_megatron.library_messages import quiet_libraries
 
 ARCHITECTURES = ("auto", "llama", "qwen2", "qwen3", "cohere", "mixtral", "bam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,8 +68,8 @@ def _summary(result) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     import torch
 
     from bam_megatron.checkpoint.dcp_writer import release_freed_buffers

@@ -19,9 +19,11 @@ from typing import List, Optional
 
 from bam_megatron.checkpoint.opener.options import add_open_args
 from bam_megatron.cli.console import user_error
+from bam_megatron.library_messages import quiet_libraries
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     p = argparse.ArgumentParser(prog="inspect_checkpoint.py", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("checkpoint", help="Checkpoint root (with tracker) or iter_* directory.")
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")

@@ -19,10 +19,10 @@ the run with a one-line error naming the line; partial outputs are removed.
 from __future__ import annotations
 
 import argparse
-import warnings
 from typing import Dict, Optional, Sequence
 
 from bam_megatron.data.tokenizer_args import add_tokenizer_args
+from bam_megatron.library_messages import quiet_libraries
 
 
 def get_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,7 +61,6 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
     one-line message."""
     args = get_args(argv)
     # megatron-core warns on import when Transformer Engine / Apex are absent; irrelevant here.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.data.preprocess import run
     from bam_megatron.errors import BAMError
 
@@ -73,5 +72,6 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> Dict[str, dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console entry point (exit status 0 on success)."""
+    quiet_libraries()
     preprocess(argv)
     return 0

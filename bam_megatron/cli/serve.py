@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 from bam_megatron.cli.console import user_error
+from bam_megatron.library_messages import quiet_libraries
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -61,8 +61,8 @@ def check_folder(folder: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from bam_megatron.errors import BAMError
 
     try:

@@ -138,7 +138,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="969,30,1", help="Train,valid,test proportions of --data-path.")
     g.add_argument("--valid-data-path", nargs="*", default=None, help="Named validation sets NAME:PREFIX (each logged by name).")
     g.add_argument("--mock-data", action="store_true", help="Synthetic data (no files).")
-    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go.")
+    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches go (default: <--save>/data_cache).")
     g.add_argument("--num-workers", type=int, default=0, help="Data-loader worker processes.")
     g.add_argument("--eod-mask-loss", action="store_true", help="No loss on end-of-document tokens.")
     g.add_argument("--reset-position-ids", action="store_true", help="Restart positions after each end-of-document.")

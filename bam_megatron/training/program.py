@@ -19,6 +19,7 @@ import sys
 from typing import List, Optional
 
 from bam_megatron.errors import BAMError, CheckpointError, reports_job_errors
+from bam_megatron.library_messages import quiet_libraries
 from bam_megatron.training import arguments as cli
 
 
@@ -176,6 +177,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Console entry: a user error is one line and exit code 1; a bug keeps its traceback."""
+    quiet_libraries()
     try:
         pretrain(argv)
     except BAMError as exc:

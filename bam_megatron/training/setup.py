@@ -7,6 +7,7 @@ groups exist. Nothing here mutates the arguments.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -174,8 +175,18 @@ def build_datasets_for(args, tokenizer):
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        data_cache_path=args.data_cache_path,
+        data_cache_path=data_cache_path(args),
     )
+
+
+def data_cache_path(args) -> Optional[str]:
+    """Where the dataset indexes are cached: ``--data-cache-path``, else ``<--save>/data_cache`` (a
+    requeued or resumed run reuses them), else nowhere (built in memory)."""
+    if args.data_cache_path:
+        return args.data_cache_path
+    if args.save and not args.skip_train:
+        return os.path.join(args.save, "data_cache")
+    return None
 
 
 def build_run(args, bam, device) -> Run:

@@ -26,7 +26,7 @@ from bam_megatron.data.tokenizer_files import TOKENIZER_DIR
 from bam_megatron.errors import CheckpointError, human_bytes
 
 # What a run of ours leaves in a --save folder before its first checkpoint.
-_OWN_LEFTOVERS = (".bam_save.lock", "wandb", "tensorboard", TRACKER + ".tmp", TOKENIZER_DIR)
+_OWN_LEFTOVERS = (".bam_save.lock", "wandb", "tensorboard", "data_cache", TRACKER + ".tmp", TOKENIZER_DIR)
 
 
 @dataclass
