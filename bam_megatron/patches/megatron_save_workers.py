@@ -71,11 +71,11 @@ def apply() -> None:
         writer.write_preloaded_data = staticmethod(_wrap_writer(writer.write_preloaded_data))
     if not getattr(writer.write_preloaded_data_multiproc, "_helper_init", False):
         writer.write_preloaded_data_multiproc = staticmethod(_wrap_multiproc(writer.write_preloaded_data_multiproc))
-    if fsa._results_queue is None:
-        with stop_signals_blocked():  # the tracker ignores SIGINT / SIGTERM itself ...
-            resource_tracker.ensure_running()
-        with stop_signals_blocked():  # ... and unblocks them here on its way: block again
-            manager = SyncManager(ctx=mp.get_context("spawn"))
-            manager.start(initializer=helper_process_init)
-        fsa._results_queue = manager.Queue()
+    # (replacing a queue megatron-core made itself, in a save before apply())
+    with stop_signals_blocked():  # the tracker ignores SIGINT / SIGTERM itself ...
+        resource_tracker.ensure_running()
+    with stop_signals_blocked():  # ... and unblocks them here on its way: block again
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=helper_process_init)
+    fsa._results_queue = manager.Queue()
     _applied = True

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -91,7 +92,7 @@ def test_a_signal_during_the_block_is_delivered_after_it():
     try:
         with lifetime.stop_signals_blocked():
             assert set(lifetime.STOP_SIGNALS) <= _signals(os.getpid(), "SigBlk")
-            os.kill(os.getpid(), signal.SIGUSR2)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR2)  # to this (blocked) thread
             assert got == [] and signal.SIGUSR2 in signal.sigpending()
         assert got == [signal.SIGUSR2]
         assert not set(lifetime.STOP_SIGNALS) & _signals(os.getpid(), "SigBlk")
