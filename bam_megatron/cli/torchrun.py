@@ -4,7 +4,8 @@
     bam-torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT pretrain_bam.py ...
 
 Plain torchrun exits 1 after a SIGTERM whatever its ranks do, SIGKILLs ranks still saving after
-``--shutdown-timeout`` (30 s), and dies of SIGUSR1 (taking its ranks with it). This launcher
+``--shutdown-timeout`` (30 s), and dies of SIGUSR1 unless ``--signals-to-handle`` lists it
+(taking its ranks with it). This launcher
 gives SIGTERM, SIGUSR1, SIGUSR2 and SIGHUP to the ranks and waits for them like for any run: with
 ``--exit-signal-handler`` they save and exit 0, and so does the launcher
 (``bam_megatron/patches/torchrun_signals.py``). Everything else is torchrun's.

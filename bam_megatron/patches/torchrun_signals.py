@@ -5,13 +5,14 @@ As shipped, torchrun's agent (``torch.distributed.elastic.multiprocessing.api``)
 ``SignalException`` on SIGTERM / SIGHUP (``_terminate_process_handler``, installed by
 ``PContext.start`` for the signals in ``TORCHELASTIC_SIGNALS_TO_HANDLE``), sends the signal to
 its ranks, SIGKILLs those still running after ``--shutdown-timeout`` (30 s by default) and exits
-1 whatever the ranks did; SIGUSR1 / SIGUSR2 kill the agent outright (no handler). So a run told
+1 whatever the ranks did; SIGUSR1 / SIGUSR2 kill the agent outright unless ``--signals-to-handle``
+lists them (then they are treated like SIGTERM). So a run told
 to stop (``scancel --signal``, a time limit, a preemption: every process of the job step gets
 the signal) loses a save longer than 30 s, and a ``--exit-signal SIGUSR1`` run loses its agent
 (and with it the ranks, which die with their launcher: ``bam_megatron/parallel/lifetime.py``).
 
 ``apply()`` (in the agent, before ``torch.distributed.run.main``): SIGTERM, SIGUSR1, SIGUSR2 and
-SIGHUP are passed on to the ranks (the agent's child processes) with one line on stderr, and the
+SIGHUP, whatever ``--signals-to-handle`` says, are passed on to the ranks (the agent's child processes) with one line on stderr, and the
 agent goes on supervising them as in a normal run: ranks that save and exit 0 make torchrun exit
 0 (``--exit-signal-handler``); ranks that die of the signal make it fail as usual. Before the
 ranks exist (rendezvous) a stop signal stops the agent as torchrun does. SIGINT and SIGQUIT keep
