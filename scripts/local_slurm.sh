@@ -66,7 +66,12 @@ SlurmdPort=$D_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# job credentials live 10 s (default 120): SLURM holds a requeued job that long before it starts
+# it again, and launches here take well under a second
+AuthInfo=cred_expire=10
 CredType=cred/munge
+# look at pending jobs every 2 s (default 60): a requeued job starts once it may
+SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

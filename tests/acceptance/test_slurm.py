@@ -12,8 +12,8 @@ as ``scripts/local_slurm.sh`` starts them, CPU + gloo, tiny settings, two ranks 
   ``evaluate.sbatch`` reports both models' perplexity;
 * after every job, no process of it is left.
 
-The requeued job's start is brought forward (``scontrol update StartTime=now``): SLURM holds a
-requeued job for about two minutes. Where no SLURM runs and none can be started (slurmctld not
+SLURM holds a requeued job until the job credentials of its previous run expire (``AuthInfo=
+cred_expire``: 10 s in ``scripts/local_slurm.sh``'s configuration, 120 s by default). Where no SLURM runs and none can be started (slurmctld not
 installed, not root) the module is skipped with the reason; with ``BAM_REQUIRE_SLURM=1`` (what CI
 sets once ``scripts/local_slurm.sh start`` succeeded) that is a failure instead.
 """
@@ -142,7 +142,7 @@ class Jobs:
 
     def preempt(self, job: str, *scancel: str) -> int:
         """After a periodic save, signal the job with ``scancel``; it must save, requeue itself
-        and leave no process; its start is then brought forward. The iteration it stopped at."""
+        and leave no process. The iteration it stopped at."""
         self.wait_line(job, SAVED_LINE.pattern)
         self.run("scancel", *scancel, job)
         self.wait(job, lambda s: int(s["Restarts"]) >= 1 and s["JobState"] == "PENDING", "requeued")
@@ -150,7 +150,6 @@ class Jobs:
         stopped = re.search(r"\[exit\] received SIG\w+: stopping after iteration (\d+)", log)
         assert stopped and f"requeueing job {job}" in log, _tail(log)
         assert_no_process_left(job)
-        self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         return int(stopped.group(1))
 
 
