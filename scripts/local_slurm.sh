@@ -8,8 +8,9 @@
 # The configuration is private: SLURM_CONF=$BAM_SLURM_DIR/slurm.conf (BAM_SLURM_DIR defaults to
 # /var/tmp/bam-slurm); clients need that variable, e.g.
 #   export SLURM_CONF=/var/tmp/bam-slurm/slurm.conf; sbatch --gpus-per-node=0 ...
-# The node is this machine (CPUs = nproc), the daemons listen on localhost only
-# (SLURM_CTLD_PORT / SLURM_D_PORT, default 6817 / 6818), the partition is "debug".
+# The node is this machine (CPUs = nproc), addressed as 127.0.0.1; the daemons' ports are
+# SLURM_CTLD_PORT / SLURM_D_PORT (default 6817 / 6818; SLURM binds them on every interface); the
+# partition is "debug".
 # `stop` ends munged too when `start` started it.
 # `start` exits 2, with the reason, where it cannot work by design (not root, no apt-get and no
 # SLURM installed); 1 on a failure.
