@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment (once) and run the checks: ruff, then the test suite (CPU + gloo).
-#   bash scripts/run_tests.sh                   # everything (what CI runs; ~16 min on 2 cores)
+#   bash scripts/run_tests.sh                   # everything (what CI runs; ~20 min on 2 cores)
 #   bash scripts/run_tests.sh -m "not slow"     # the quick tier (a few minutes)
 #   bash scripts/run_tests.sh tests/unit        # any pytest arguments
 set -euo pipefail

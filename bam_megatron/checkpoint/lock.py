@@ -30,25 +30,37 @@ from bam_megatron.errors import CheckpointError
 LOCK_FILE = ".bam_save.lock"
 
 
+def _stat_fields(pid: int) -> Optional[list]:
+    """The fields of ``/proc/PID/stat`` after pid and comm (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _process_start_time(pid: int) -> Optional[float]:
     """Start time of ``pid`` (seconds since boot, from /proc), or None when it does not exist or
     cannot be read."""
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
         return float(fields[19])  # starttime, field 22 of stat (after pid and comm)
-    except (OSError, IndexError, ValueError):
+    except (TypeError, IndexError, ValueError):
         return None
 
 
 def _alive(pid: int, start: Optional[float]) -> bool:
-    """Whether the process ``pid`` that started at ``start`` still runs."""
+    """Whether the process ``pid`` that started at ``start`` still runs (a zombie, dead but not
+    yet reaped by its parent, does not: e.g. a killed rank of a killed launcher)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, another user's
+    fields = _stat_fields(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
     now_start = _process_start_time(pid)
     return start is None or now_start is None or abs(now_start - start) < 1e-6
 

@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from bam_megatron.checkpoint.keys import canonical_key
 from bam_megatron.errors import CheckpointError
+from bam_megatron.patches import megatron_save_workers
 
 if TYPE_CHECKING:
     from bam_megatron.checkpoint.opener import Checkpoint
@@ -56,6 +57,7 @@ def model_sharded_state_dict(model) -> dict:
 def save_model_weights(model, checkpoint_dir: str) -> None:
     """Save the model's weights (all ranks call this) into ``checkpoint_dir``."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    megatron_save_workers.apply()
     dist_checkpointing.save(model_sharded_state_dict(model), checkpoint_dir)
 
 
@@ -122,6 +124,7 @@ def save_global_tensors(tensors: Dict[str, torch.Tensor], checkpoint_dir: str) -
         k: ShardedTensor.from_rank_offsets(k, t.contiguous(), replica_id=0)
         for k, t in tensors.items()
     }
+    megatron_save_workers.apply()
     dist_checkpointing.save(sharded, checkpoint_dir)
 
 

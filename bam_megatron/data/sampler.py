@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from bam_megatron.errors import DataConfigError
+from bam_megatron.parallel.lifetime import helper_process_init
 
 
 class PretrainingSampler:
@@ -121,7 +122,8 @@ def build_data_loader(
 
     Data-parallel rank/size default to megatron-core's ``parallel_state`` when it is
     initialized, else to the torch.distributed rank/world size, else 0/1. Iterating the loader again starts again at ``consumed_samples``
-    (handy for a fixed validation set).
+    (handy for a fixed validation set). Workers (``num_workers > 0``) ignore the run's stop
+    signals and die with their rank (``parallel/lifetime.py``).
     """
     if dataset is None:
         return None
@@ -140,6 +142,7 @@ def build_data_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=helper_process_init if num_workers > 0 else None,
     )
 
 

@@ -5,7 +5,8 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM jobs launch through torchrun) or,
 when it is absent, runs as a single process on a free localhost port.  With a
 GPU it uses NCCL on ``cuda:LOCAL_RANK``; without one it uses gloo and turns on
 the explicit CPU runtime (``bam_megatron.patches.cpu_runtime``). The device itself is chosen
-by ``bam_megatron.parallel.device`` (the one device policy).
+by ``bam_megatron.parallel.device`` (the one device policy). A rank started by torchrun dies
+with the torchrun agent (``bam_megatron.parallel.lifetime.die_with_launcher``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 from bam_megatron.errors import LayoutError
 from bam_megatron.parallel.device import get_device, release_device, select_device
+from bam_megatron.parallel.lifetime import die_with_launcher
 from bam_megatron.parallel.sizes import validate_parallel_layout
 
 __all__ = [
@@ -140,6 +142,8 @@ def init_distributed(
     if _INFO is not None:
         raise RuntimeError("init_distributed() was already called; call destroy_distributed() first")
     launched, rank, world_size, local_rank = _launch_env()
+    if launched:
+        die_with_launcher()
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     # Pure arithmetic first: a bad layout fails before any import or process-group work.

@@ -13,6 +13,10 @@ Megatron-LM's flags and meaning:
 Without ``--exit-signal-handler`` a SIGTERM still ends the run, but first says so in one line
 (which checkpoint is the last complete one) instead of dying silently.
 
+A stop signal reaches every process of a run (schedulers signal a whole job step, torchrun
+passes its copy on); the helper processes ignore it (``bam_megatron/parallel/lifetime.py``), and
+copies that arrive after the rank decided to stop are ignored too.
+
 The check costs one all-reduce of one number per iteration.
 """
 
@@ -68,9 +72,11 @@ class ExitConditions:
         os.kill(os.getpid(), signum)
 
     def restore(self) -> None:
-        """Put back the handlers this object replaced."""
+        """Put back the handlers this object replaced; once a stop signal has arrived, ignore
+        those signals instead: a scheduler signals every process of a job and a launcher passes
+        its copy on, so more copies may arrive while the rank, its checkpoint saved, exits."""
         for signum, handler in self._previous:
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.received is not None else handler)
         self._previous = []
 
     def reason(self, iteration: int) -> Optional[str]:

@@ -20,15 +20,17 @@
 export WANDB_MODE=${WANDB_MODE:-offline}
 
 # Train until the command's --train-iters, saving into (and resuming from) SAVE. Stops cleanly
-# on USR1 (from #SBATCH --signal=B:USR1@...) or TERM (preemption): the ranks finish the
-# iteration, save and exit 0; the job is then requeued (#SBATCH --requeue) to continue with the
-# same command. A run that fails is not requeued.
+# on USR1 (from #SBATCH --signal=B:USR1@...) or TERM (preemption, scancel), whether it reaches
+# this shell only or every process of the job: the ranks finish the iteration, save and exit 0;
+# the job is then requeued (#SBATCH --requeue) to continue with the same command. A run that
+# fails is not requeued. The shell passes both signals on to the launcher as USR1 (the ranks run
+# with --exit-signal SIGUSR1): srun would turn a TERM into SIGKILL of its tasks (launch.sh).
 #   run_training SAVE TRAIN_ITERS <pretrain_bam.py flags...>
 run_training() {
   local save=$1 iters=$2 child status done_iters
   shift 2
   trap 'echo "[slurm] $(date +%T) USR1: the run saves after this iteration and stops"; kill -USR1 "$child" 2>/dev/null' USR1
-  trap 'echo "[slurm] $(date +%T) TERM: the run saves after this iteration and stops"; kill -TERM "$child" 2>/dev/null' TERM
+  trap 'echo "[slurm] $(date +%T) TERM: the run saves after this iteration and stops"; kill -USR1 "$child" 2>/dev/null' TERM
   bash "$(dirname "${BASH_SOURCE[0]}")/launch.sh" "$@" --load "$save" --save "$save" --train-iters "$iters" \
     --exit-signal-handler --exit-signal SIGUSR1 &
   child=$!

@@ -4,9 +4,11 @@
   time, and from X afterwards;
 * ``--load`` of an absent or empty folder starts from scratch with one warning;
   ``--exit-on-missing-checkpoint`` makes it an error;
-* ``examples/slurm/seed.sbatch`` under stub ``srun`` / ``scontrol`` commands: USR1 (what
-  ``#SBATCH --signal=B:USR1@300`` sends) makes the run save and stop, the job requeues itself,
-  and the same script resumes and finishes; ``submit.sh`` creates ``logs/``.
+* ``examples/slurm/seed.sbatch`` without SLURM (stub ``scontrol`` / ``sbatch`` commands; a
+  one-node job starts its ranks with ``tools/torchrun.py``): USR1 (what ``#SBATCH
+  --signal=B:USR1@300`` sends) makes the run save and stop, the job requeues itself, and the same
+  script resumes and finishes; ``submit.sh`` creates ``logs/``. ``test_slurm.py`` runs every
+  template on a real SLURM.
 """
 
 from __future__ import annotations
@@ -65,21 +67,6 @@ def test_missing_load_starts_from_scratch_unless_told_otherwise(tmp_path, capsys
     assert rc == 1 and len(error_lines(err)) == 1 and "--exit-on-missing-checkpoint" in err
 
 
-_SRUN = """#!/usr/bin/env bash
-# stub srun: every task runs here, with SLURM's task variables; signals reach every task
-ntasks=1
-while [[ $# -gt 0 && $1 == --* ]]; do [[ $1 == --ntasks-per-node=* ]] && ntasks=${1#*=}; shift; done
-pids=()
-for ((i = 0; i < ntasks; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$ntasks "$@" & pids+=($!); done
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
-status=0
-for p in "${pids[@]}"; do
-  while kill -0 "$p" 2>/dev/null; do wait "$p"; s=$?; done
-  [ "$s" -ne 0 ] && status=$s
-done
-exit $status
-"""
 _SCONTROL = """#!/usr/bin/env bash
 case "$1" in
   show) echo localhost ;;
@@ -93,10 +80,10 @@ echo "sbatch $*" >> "$STUB_LOG"
 
 @pytest.fixture
 def slurm(tmp_path):
-    """Stub srun / scontrol / sbatch on PATH and the environment a job step would see."""
+    """Stub scontrol / sbatch on PATH and the environment a batch job would see."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", _SRUN), ("scontrol", _SCONTROL), ("sbatch", _SBATCH)):
+    for name, text in (("scontrol", _SCONTROL), ("sbatch", _SBATCH)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = subprocess_env()

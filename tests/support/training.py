@@ -193,3 +193,69 @@ def alive(pids) -> list:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+BAM_TORCHRUN = os.path.join(ROOT, "tools", "torchrun.py")
+
+
+def start_torchrun(argv, nproc: int = 2, plain: bool = False):
+    """``pretrain_bam.py argv`` on ``nproc`` ranks under ``tools/torchrun.py`` (or, ``plain``,
+    torch's own torchrun) as a child process in its own session, stdout+stderr piped."""
+    launcher = ["-m", "torch.distributed.run"] if plain else [BAM_TORCHRUN]
+    cmd = [sys.executable, *launcher, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), SCRIPT, *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def process_groups(pid: int) -> set:
+    """The process groups of ``pid`` and every process below it (torchrun starts each rank in
+    a session of its own)."""
+    groups = set()
+    for p in [pid, *descendants(pid)]:
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    return groups
+
+
+def signal_every_process(pid: int, sig: int) -> set:
+    """Send ``sig`` to every process of the run under ``pid`` at once, as a scheduler does to a
+    job step: each process group of the tree gets it. Returns those groups."""
+    groups = process_groups(pid)
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass
+    return groups
+
+
+def group_members(groups) -> list:
+    """PIDs of the live (non-zombie) processes in any of ``groups``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return found
+
+
+def left_after(groups, seconds: float) -> list:
+    """Poll until no process of ``groups`` is left or ``seconds`` pass; the ones left (killed
+    then, so that they do not disturb the next test)."""
+    deadline = time.monotonic() + seconds
+    while group_members(groups) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = group_members(groups)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
