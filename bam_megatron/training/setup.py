@@ -8,6 +8,7 @@ groups exist. Nothing here mutates the arguments.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -156,35 +157,53 @@ def banner(run) -> str:
 
 
 def build_datasets_for(args, tokenizer):
-    """megatron-core GPT datasets for the run's data flags."""
+    """megatron-core GPT datasets for the run's data flags. Their indexes are cached where
+    ``data_cache_path`` says; when the default cache under ``--save`` cannot be written (a full
+    or read-only disk: the run's own checks report that where it matters, at the save), they are
+    built in memory instead."""
     from bam_megatron.data.datasets import build_datasets
+    from bam_megatron.errors import disk_error
+    from bam_megatron.training.metrics import print_rank_0
 
-    return build_datasets(
-        tokenizer,
-        args.seq_length,
-        data_path=args.data_path,
-        split=args.split if args.data_path else None,
-        valid_sets=args.valid_data_path,
-        mock_data=args.mock_data,
-        train_iters=args.train_iters or 0,
-        global_batch_size=args.global_batch_size,
-        eval_iters=args.eval_iters,
-        eval_interval=None,  # every evaluation reads the same samples: one evaluation's worth
-        full_validation=args.full_validation,
-        seed=args.seed,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        eod_mask_loss=args.eod_mask_loss,
-        data_cache_path=data_cache_path(args),
-    )
+    def build(cache):
+        return build_datasets(
+            tokenizer,
+            args.seq_length,
+            data_path=args.data_path,
+            split=args.split if args.data_path else None,
+            valid_sets=args.valid_data_path,
+            mock_data=args.mock_data,
+            train_iters=args.train_iters or 0,
+            global_batch_size=args.global_batch_size,
+            eval_iters=args.eval_iters,
+            eval_interval=None,  # every evaluation reads the same samples: one evaluation's worth
+            full_validation=args.full_validation,
+            seed=args.seed,
+            reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask,
+            eod_mask_loss=args.eod_mask_loss,
+            data_cache_path=cache,
+        )
+
+    cache = data_cache_path(args)
+    try:
+        return build(cache)
+    except Exception as exc:  # megatron-core wraps the cache's OSError in a plain Exception
+        what = disk_error(exc)
+        if what is None or args.data_cache_path:
+            raise
+        print_rank_0(f"[data] cannot cache the dataset indexes in {cache} ({what}): building them in memory")
+        shutil.rmtree(cache, ignore_errors=True)
+        return build(None)
 
 
 def data_cache_path(args) -> Optional[str]:
     """Where the dataset indexes are cached: ``--data-cache-path``, else ``<--save>/data_cache`` (a
-    requeued or resumed run reuses them), else nowhere (built in memory)."""
+    requeued or resumed run reuses them), else nowhere (built in memory; also for ``--mock-data``,
+    whose synthetic indexes are cheaper to build than to store)."""
     if args.data_cache_path:
         return args.data_cache_path
-    if args.save and not args.skip_train:
+    if args.save and not args.skip_train and not args.mock_data:
         return os.path.join(args.save, "data_cache")
     return None
 

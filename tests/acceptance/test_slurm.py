@@ -34,9 +34,8 @@ import torch
 from support import REPO_ROOT
 from support.training import NO_DROPOUT, SAVED_LINE, TINY, free_port
 
-from bam_megatron.checkpoint.dcp_reader import CheckpointReader, read_metadata
 from bam_megatron.checkpoint.layout import iteration_dir
-from bam_megatron.checkpoint.opener import read_tracker
+from bam_megatron.checkpoint.opener import open_checkpoint, read_tracker, tensor_reader
 
 pytestmark = pytest.mark.slow
 
@@ -182,11 +181,11 @@ def assert_no_process_left(job: str, timeout: float = 10) -> None:
 
 def assert_same_tensors(a: str, b: str) -> None:
     """Every tensor (model and optimizer state) of checkpoint folders ``a`` and ``b`` is equal."""
-    ma, mb = read_metadata(a), read_metadata(b)
-    keys = sorted(k for k, v in ma.state_dict_metadata.items() if hasattr(v, "chunks"))
-    assert keys == sorted(k for k, v in mb.state_dict_metadata.items() if hasattr(v, "chunks"))
+    ca, cb = open_checkpoint(a), open_checkpoint(b)  # every file verified against its checksum
+    keys = sorted(ca.tensor_entries())
+    assert keys == sorted(cb.tensor_entries())
     assert any(k.startswith("optimizer") for k in keys) and any(k.startswith("decoder") for k in keys), keys[:5]
-    ra, rb = CheckpointReader(a, ma), CheckpointReader(b, mb)
+    ra, rb = tensor_reader(ca), tensor_reader(cb)
     for key in keys:
         assert torch.equal(ra.read_full(key), rb.read_full(key)), f"{key} differs between {a} and {b}"
 

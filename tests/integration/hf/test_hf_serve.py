@@ -18,7 +18,7 @@ from support.training import free_port, subprocess_env
 from bam_megatron.cli import generate as generate_program
 from bam_megatron.cli import serve as serve_program
 from bam_megatron.hf.exporter import ExportOptions, hf_export
-from bam_megatron.patches.megatron_save_workers import die_with_parent
+from bam_megatron.parallel.lifetime import die_with_parent
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 PROMPT, NEW = "t1 t2 t3", 8
