@@ -24,12 +24,17 @@ STAMP="$VENV/.bam-installed${EXTRAS:+-$EXTRAS}"
 # Reinstall when the requirements or the package metadata changed since the last install.
 if [ ! -f "$STAMP" ] || [ requirements.txt -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "[setup] installing bam-megatron${EXTRAS:+[$EXTRAS]} into $VENV ..." >&2
-  "$PY" -m pip install -q --upgrade pip >&2 || true
+  LOG="$VENV/setup.log"
+  : > "$LOG"
+  # pip and the build backend talk a lot; their output goes to the log, shown only on failure.
+  quiet() { "$@" >>"$LOG" 2>&1 || { tail -n 40 "$LOG" >&2; echo "[setup] failed: $* (log: $LOG)" >&2; return 1; }; }
+  quiet "$PY" -m pip install --upgrade pip || true
   if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     # The pinned CPU build is what CI uses; fall back to the index's default build.
-    "$PY" -m pip install -q "torch==2.13.0" >&2 || "$PY" -m pip install -q "torch>=2.6" >&2
+    quiet "$PY" -m pip install "torch==2.13.0" || quiet "$PY" -m pip install "torch>=2.6"
   fi
-  "$PY" -m pip install -q -e ".${EXTRAS:+[$EXTRAS]}" >&2
+  quiet "$PY" -m pip install -e ".${EXTRAS:+[$EXTRAS]}"
+  echo "[setup] done (log: $LOG)" >&2
   touch "$STAMP"
 fi
 echo "$PY"
