@@ -22,14 +22,15 @@ One module per concern, each with the ``check`` of what it relies on:
 
 Entering checks the installed torch, megatron-core and CPython against all of it first (see
 ``patches/target.py``) and fails in one line (``PatchTargetError``) when one does not fit.
-Entries nest: the outermost one installs, the exit of the outermost one restores; each entry
-pushes the device mode on its own thread unless that thread has it already.
+Entries nest (leave them in the reverse order of entering): the outermost one installs, the
+exit of the outermost one restores; each entry pushes the device mode on its own thread unless
+that thread has it already, and pops what it pushed.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator
 
 from bam_megatron.patches.target import MEGATRON_CORE, PYTHON, Check, Replacements, Shared, torch_release
 
@@ -101,7 +102,7 @@ def cpu_runtime() -> Iterator[None]:
     from bam_megatron.patches.cpu_runtime import device_mode
 
     with _SHARED.entered():
-        pushed: Optional[bool] = device_mode.enter_on_this_thread()
+        pushed = device_mode.enter_on_this_thread()
         try:
             yield
         finally:
