@@ -110,9 +110,12 @@ def _resolve(path: str) -> Any:
     """The object named by a dotted path (``torch.cuda.Stream``, ``pkg.mod.Class.method``)."""
     parts = path.split(".")
     for cut in range(len(parts), 0, -1):
+        module = ".".join(parts[:cut])
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+                raise  # a module that exists but fails to import: not a question of shape
             continue
         for name in parts[cut:]:
             obj = getattr(obj, name)
