@@ -2,7 +2,8 @@
 run-time ``check()``: the release it targets and the shape it relies on. When an upstream release
 changes what a patch touches, entering the patch (and this test) fails in one line naming the
 library, the installed release and the targeted one, instead of the patch silently doing
-something else."""
+something else. Entering and leaving the CPU runtime: ``test_cpu_runtime_scope.py``; what the
+process patches do to real processes: ``tests/integration/patches``."""
 
 import importlib
 import os

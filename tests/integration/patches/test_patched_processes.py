@@ -1,5 +1,7 @@
-"""The patches about processes: megatron-core's checkpoint-save helpers and torchrun's agent,
-each entered and left as found."""
+"""What the process patches of ``bam_megatron/patches`` do to real processes, entered and left as
+found: the checkpoint writers' helpers (``megatron_save_workers``) are deaf to the run's stop
+signals and shut down with their scope, and torchrun's agent (``torchrun_signals``) passes a stop
+signal on to its rank and lives on."""
 
 import os
 import signal
