@@ -69,6 +69,11 @@ class PreprocessError(BAMError):
     """A problem with the input or the flags of data preprocessing."""
 
 
+class PatchTargetError(BAMError, RuntimeError):
+    """An installed torch / megatron-core that a patch of ``bam_megatron/patches`` was not made
+    for: another release, or a changed name or signature the patch relies on."""
+
+
 def reports_job_errors() -> bool:
     """Whether this process prints an error that every process of the job finds alike: the first
     process of each node (``LOCAL_RANK`` 0, set by torchrun and the SLURM launcher; ``RANK``
@@ -144,6 +149,7 @@ __all__ = [
     "HFError",
     "InferenceError",
     "LayoutError",
+    "PatchTargetError",
     "PreprocessError",
     "TokenizerConfigError",
     "TrainingError",

@@ -6,7 +6,8 @@ import pytest
 
 @pytest.fixture
 def single_process():
-    """A one-process (gloo on CPU) megatron-core setup, torn down afterwards."""
+    """A one-process (gloo on CPU) megatron-core setup for one test: ``init_distributed`` enters the
+    run's patches (the CPU runtime without a GPU), ``destroy_distributed`` leaves them."""
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
     info = init_distributed(seed=1234)
@@ -28,3 +29,20 @@ def private_remote_code_cache():
     yield folder
     dynamic_module_utils.HF_MODULES_CACHE = previous
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_patch_outlives_its_test():
+    """Every patch a test enters (``init_distributed`` enters the run's: the CPU runtime, ...) is
+    left by the end of the test, so that no later test runs patched; a test that leaves one
+    entered fails, and the patches are left for the next test."""
+    from bam_megatron.patches import entered
+
+    before = entered()
+    yield
+    left = [name for name in entered() if name not in before]
+    if left:
+        from bam_megatron.parallel.distributed import destroy_distributed
+
+        destroy_distributed()
+        pytest.fail(f"the test left patches entered: {', '.join(left)} (init_distributed without destroy_distributed?)")

@@ -7,7 +7,9 @@ index read by the allow-listed unpickler), never from a bare path.
 then narrowed): a layer of an ``[L, ...]`` tensor costs about that layer when the checkpoint
 stores layers as separate chunks, as megatron-core does. A region that is exactly one stored
 chunk is loaded as it is, without a copy. ``layer_blocks`` finds the smallest layer ranges that
-no stored chunk straddles (the unit of streaming for the checkpoint tools).
+no stored chunk straddles (the unit of streaming for the checkpoint tools). It relies on torch
+DCP's storage layer below the public API (``patches/dcp_storage.py``, checked when a reader is
+made).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from bam_megatron.checkpoint.keys import is_model_entry  # noqa: F401  (re-exported)
 from bam_megatron.checkpoint.opener.unpickle import load_tensor
 from bam_megatron.errors import CheckpointError
+from bam_megatron.patches import dcp_storage
 
 
 def shape_text(s: Iterable[int]) -> str:
@@ -108,6 +111,7 @@ class CheckpointReader:
     """
 
     def __init__(self, ckpt_dir: str, metadata: Metadata):
+        dcp_storage.checked()
         self.ckpt_dir = ckpt_dir
         self._reader = FileSystemReader(ckpt_dir)
         self.metadata = metadata  # read by the opener (allow-listed unpickling)
@@ -127,7 +131,7 @@ class CheckpointReader:
         for idx, chunk in enumerate(md.chunks):
             if tuple(chunk.offsets) == offsets and tuple(chunk.sizes) == sizes:
                 info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets, idx))
-                if info is None or info.transform_descriptors:
+                if info is None or getattr(info, "transform_descriptors", None):  # (torch >= 2.8)
                     return None
                 with open(os.path.join(self.ckpt_dir, info.relative_path), "rb") as f:
                     t = load_tensor(_FileSlice(f, info.offset, info.length))

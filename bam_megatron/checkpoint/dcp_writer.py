@@ -8,7 +8,8 @@ writes one DCP ``.metadata``: per real key its global shape and chunks (offsets,
 chunk its storage location. The result is the structure a multi-rank save produces, so
 megatron-core's ``dist_checkpointing.load`` and torch's DCP reader read it like any other
 checkpoint. The small file helpers (``write_file``, ``fsync_dir``) make the finishing steps
-crash-safe.
+crash-safe. The merge relies on torch DCP's storage layer below the public API
+(``patches/dcp_storage.py``, checked when a writer is made).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from bam_megatron.checkpoint.opener.unpickle import read_metadata_file
+from bam_megatron.patches import dcp_storage
 
 
 @dataclass
@@ -76,6 +78,7 @@ class PartWriter:
     MAX_QUEUED = 2
 
     def __init__(self, parts_dir: str, part_bytes: int, sync: bool = True, crc32: bool = False):
+        dcp_storage.checked()
         self.parts_dir = parts_dir
         self.crc32 = crc32
         self.part_bytes = max(1, int(part_bytes))

@@ -18,7 +18,8 @@ distributed-optimizer checkpointing needs three repairs, all made here:
   ("ShardedTensor.flattened_range is not supported") -> the format is chosen explicitly;
 * loading into a fresh optimizer trips an assertion in ``DistributedOptimizer.state_dict``
   (Adam's per-parameter ``step`` does not exist before the first step) ->
-  :func:`prepare_for_load` allocates the state with megatron-core's own dummy step;
+  :func:`prepare_for_load` allocates the state with megatron-core's own dummy step (a private
+  method: ``patches/megatron_optimizer.py``);
 * after loading, every parameter's Adam ``step`` is the dummy value, or one tensor shared by all
   parameters (each optimizer step then advances it once per parameter), so the bias correction
   drifts from the uninterrupted run -> :func:`restore_adam_steps` gives every parameter its own
@@ -32,6 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from bam_megatron.checkpoint.weights import CheckpointError
+from bam_megatron.patches import megatron_optimizer
 
 DIST_OPT_SHARDING = "dp_reshardable"
 
@@ -50,9 +52,7 @@ def is_distributed(opt) -> bool:
 
 def _torch_adam_path() -> bool:
     """megatron-core uses ``torch.optim`` (and needs the repairs) when neither TE nor apex imports."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    return not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False)
+    return megatron_optimizer.uses_torch_optimizers()
 
 
 def sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, sharding: Optional[str] = None) -> dict:
@@ -120,7 +120,7 @@ def prepare_for_load(optimizer) -> None:
         return
     for opt in optimizer_parts(optimizer):
         if is_distributed(opt) and len(opt.optimizer.state) == 0:
-            opt._init_optimizer_states_with_dummy_values()
+            megatron_optimizer.allocate_state(opt)
 
 
 def restore_adam_steps(optimizer) -> None:

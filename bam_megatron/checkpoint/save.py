@@ -100,10 +100,10 @@ def _write(sharded: dict, tmp: str, root: str) -> None:
 
     from bam_megatron.patches import megatron_save_workers
 
-    megatron_save_workers.apply()
     problem, bug = None, None
     try:
-        dist_checkpointing.save(sharded, tmp)
+        with megatron_save_workers.saving():
+            dist_checkpointing.save(sharded, tmp)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch DCP's CheckpointException is a BaseException

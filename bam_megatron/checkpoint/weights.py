@@ -57,8 +57,8 @@ def model_sharded_state_dict(model) -> dict:
 def save_model_weights(model, checkpoint_dir: str) -> None:
     """Save the model's weights (all ranks call this) into ``checkpoint_dir``."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    megatron_save_workers.apply()
-    dist_checkpointing.save(model_sharded_state_dict(model), checkpoint_dir)
+    with megatron_save_workers.saving():
+        dist_checkpointing.save(model_sharded_state_dict(model), checkpoint_dir)
 
 
 def _opened(source: Union[str, "Checkpoint"]) -> "Checkpoint":
@@ -124,8 +124,8 @@ def save_global_tensors(tensors: Dict[str, torch.Tensor], checkpoint_dir: str) -
         k: ShardedTensor.from_rank_offsets(k, t.contiguous(), replica_id=0)
         for k, t in tensors.items()
     }
-    megatron_save_workers.apply()
-    dist_checkpointing.save(sharded, checkpoint_dir)
+    with megatron_save_workers.saving():
+        dist_checkpointing.save(sharded, checkpoint_dir)
 
 
 @contextlib.contextmanager

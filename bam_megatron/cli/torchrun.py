@@ -20,10 +20,10 @@ from typing import List, Optional
 def main(argv: Optional[List[str]] = None) -> int:
     from bam_megatron.patches import torchrun_signals
 
-    torchrun_signals.apply()
-    from torch.distributed.run import main as torchrun_main
+    with torchrun_signals.passed_on():
+        from torch.distributed.run import main as torchrun_main
 
-    torchrun_main(argv)
+        torchrun_main(argv)
     return 0
 
 

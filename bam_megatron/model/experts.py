@@ -2,9 +2,9 @@
 
 ``GroupedGemmExperts`` is megatron-core's ``SequentialMLP`` (same parameters, same checkpoint
 keys, same results) whose forward, on a GPU with bf16 weights, runs all local experts as two
-``torch._grouped_mm`` calls over the expert-sorted tokens instead of a Python loop of
-per-expert MLPs (about 30 small kernels per expert per step). Without Transformer Engine's
-grouped GEMM this is the difference between a CPU-launch-bound and a GPU-bound MoE layer.
+``torch._grouped_mm`` calls (torch-private: ``patches/torch_grouped_mm.py``) over the
+expert-sorted tokens instead of a Python loop of per-expert MLPs (about 30 small kernels per
+expert per step). Without Transformer Engine's grouped GEMM this is the difference between a CPU-launch-bound and a GPU-bound MoE layer.
 Anywhere else (CPU, fp32, biases, quantisation) it is exactly ``SequentialMLP``.
 """
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from bam_megatron.parallel.device import hopper_or_newer
+from bam_megatron.patches import torch_grouped_mm
 
 
 def grouped_mm_available() -> bool:
     """torch has ``_grouped_mm`` and the current GPU runs it (Hopper or newer)."""
-    return hasattr(torch, "_grouped_mm") and hopper_or_newer()
+    return torch_grouped_mm.available()
 
 
 class GroupedGemmExperts(SequentialMLP):
@@ -50,11 +50,11 @@ class GroupedGemmExperts(SequentialMLP):
         # [N_l, out, in] weights -> [N_l, in, out] (column-major views, no copy)
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts]).transpose(1, 2)
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts]).transpose(1, 2)
-        h = torch._grouped_mm(x, w1, offs=offsets)
+        h = torch_grouped_mm.grouped_mm(x, w1, offsets)
         if self.config.gated_linear_unit:
             gate, linear = h.chunk(2, dim=-1)
             h = self.config.activation_func(gate) * linear
         else:
             h = self.config.activation_func(h)
         h = (h * permuted_probs.unsqueeze(-1)).to(x.dtype)
-        return torch._grouped_mm(h, w2, offs=offsets), None
+        return torch_grouped_mm.grouped_mm(h, w2, offsets), None

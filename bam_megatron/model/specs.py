@@ -40,7 +40,6 @@ from bam_megatron.model.moa import MixtureOfAttention
 from bam_megatron.model.nexus_router import NexusConfig, nexus_router_builder
 from bam_megatron.model.norm import Norm
 from bam_megatron.model.sdpa import SDPAttention
-from bam_megatron.patches.megatron_moe import apply_megatron_compat
 
 
 def transformer_engine_available() -> bool:
@@ -118,7 +117,6 @@ def get_bam_layer_spec(
     config, bam: BAMConfig, use_te: Optional[bool] = None
 ) -> ModuleSpec:
     """Spec of one BAM layer for ``config`` (a megatron-core ``TransformerConfig``)."""
-    apply_megatron_compat()
     backend = _backend(use_te)
     moe_grouped_gemm = bool(getattr(config, "moe_grouped_gemm", False))
     submodules = TransformerLayerSubmodules(

@@ -1,9 +1,9 @@
 """The device policy: every decision about GPU vs CPU is made here, nowhere else.
 
 A process computes on one device: ``cuda:LOCAL_RANK`` when CUDA is available (NCCL), otherwise
-the CPU (gloo, with the CPU runtime of ``bam_megatron.patches.cpu_runtime``).
-``select_device`` makes that choice once per process (``parallel.distributed.init_distributed``
-calls it); everything else asks ``get_device()`` or one of the small helpers below instead of
+the CPU (gloo; ``parallel.distributed.init_distributed`` then enters the CPU runtime of
+``bam_megatron.patches.cpu_runtime`` for the run). ``select_device`` makes that choice once per
+run (``init_distributed`` calls it); everything else asks ``get_device()`` or one of the small helpers below instead of
 looking at ``torch.cuda`` itself.
 """
 
@@ -40,9 +40,6 @@ def select_device(local_rank: int) -> Tuple[torch.device, str]:
         torch.cuda.set_device(local_rank)
         _DEVICE = torch.device("cuda", local_rank)
         return _DEVICE, "nccl"
-    from bam_megatron.patches.cpu_runtime import enable_cpu_mode
-
-    enable_cpu_mode()
     _DEVICE = torch.device("cpu")
     return _DEVICE, "gloo"
 

@@ -3,14 +3,17 @@
 ``init_distributed()`` reads the torchrun environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM jobs launch through torchrun) or,
 when it is absent, runs as a single process on a free localhost port.  With a
-GPU it uses NCCL on ``cuda:LOCAL_RANK``; without one it uses gloo and turns on
-the explicit CPU runtime (``bam_megatron.patches.cpu_runtime``). The device itself is chosen
-by ``bam_megatron.parallel.device`` (the one device policy). A rank started by torchrun dies
-with the torchrun agent (``bam_megatron.parallel.lifetime.die_with_launcher``).
+GPU it uses NCCL on ``cuda:LOCAL_RANK``; without one it uses gloo. The device itself is chosen
+by ``bam_megatron.parallel.device`` (the one device policy). For the run, from
+``init_distributed`` to ``destroy_distributed``, it holds the run's patches
+(``bam_megatron.patches.run``: the CPU runtime without a GPU, and the megatron-core fixes);
+``destroy_distributed`` leaves them, so nothing of them outlives the run. A rank started by
+torchrun dies with the torchrun agent (``bam_megatron.parallel.lifetime.die_with_launcher``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -52,6 +55,7 @@ class DistributedInfo:
 
 _INFO: Optional[DistributedInfo] = None
 _OWNS_PROCESS_GROUP = False
+_RUN_PATCHES: Optional[contextlib.ExitStack] = None
 
 
 def free_port() -> int:
@@ -138,7 +142,7 @@ def init_distributed(
     stream), so a fresh model at EP > 1 differs from a 1-process one: start
     layout comparisons from a checkpoint.
     """
-    global _INFO
+    global _INFO, _RUN_PATCHES
     if _INFO is not None:
         raise RuntimeError("init_distributed() was already called; call destroy_distributed() first")
     launched, rank, world_size, local_rank = _launch_env()
@@ -159,15 +163,25 @@ def init_distributed(
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("megatron model parallelism is already initialised; destroy it first")
     device, backend = select_device(local_rank)
-    _init_process_group(launched, backend, rank, world_size, timeout_minutes)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-        expert_tensor_parallel_size=expert_tensor_parallel_size,
-        distributed_timeout_minutes=timeout_minutes,
-    )
-    seed_everything(seed)
+    from bam_megatron.patches.run import run_patches
+
+    held = contextlib.ExitStack()  # what destroy_distributed() undoes, last entered first
+    held.callback(release_device)
+    try:
+        held.enter_context(run_patches(on_cpu=device.type == "cpu"))
+        _init_process_group(launched, backend, rank, world_size, timeout_minutes)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+        seed_everything(seed)
+    except BaseException:
+        held.close()
+        raise
+    _RUN_PATCHES = held
     _INFO = DistributedInfo(
         device=device, backend=backend, rank=rank, world_size=world_size, local_rank=local_rank
     )
@@ -183,8 +197,9 @@ def first_problem(problem: Optional[str]) -> Optional[str]:
 
 
 def destroy_distributed() -> None:
-    """Tear down megatron's parallel state and the process group this module created."""
-    global _INFO, _OWNS_PROCESS_GROUP
+    """Tear down megatron's parallel state and the process group this module created, then leave
+    the run's patches (idempotent)."""
+    global _INFO, _OWNS_PROCESS_GROUP, _RUN_PATCHES
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
@@ -192,4 +207,7 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
     _OWNS_PROCESS_GROUP = False
     _INFO = None
+    held, _RUN_PATCHES = _RUN_PATCHES, None
+    if held is not None:
+        held.close()
     release_device()

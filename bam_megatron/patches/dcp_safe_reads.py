@@ -13,6 +13,8 @@ unpickle files of the checkpoint:
 routes all three through the given readers (``checkpoint/opener/unpickle.py``: allow-listed
 unpicklers) for the duration of one load, then puts the originals back. Each replacement keeps
 the original's other behaviour (the storage metadata's load id, the planner's flattening).
+Entering checks that torch DCP and megatron-core still have the readers and the attributes the
+replacements use, and fails in one line otherwise (``patches/target.py``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,25 @@ import os
 import threading
 from typing import Callable
 
-TARGET_VERSION = "0.16.1"  # megatron-core; torch: the DCP reader of 2.6 - 2.14
+from bam_megatron.patches.target import MEGATRON_CORE, Check, torch_release, tracked
+
+TARGETS = (torch_release("2.6 - 2.14 (the DCP reader)"), MEGATRON_CORE)
 _lock = threading.RLock()
+_DCP = "torch.distributed.checkpoint"
+
+
+def check() -> None:
+    """Raise ``PatchTargetError`` unless the three readers and what the replacements use fit."""
+    c = Check("dcp_safe_reads", *TARGETS)
+    c.params("torch", f"{_DCP}.filesystem.FileSystemReader.read_metadata", "self", leading=True)
+    c.params("torch", f"{_DCP}.filesystem.FileSystemReader._get_metadata_path", "self", "rank", leading=True)
+    c.source("torch", f"{_DCP}.filesystem.FileSystemReader", "self.fs", "self.load_id")
+    c.has("torch", f"{_DCP}.metadata.StorageMeta.load_id", f"{_DCP}._traverse.set_element")
+    c.params("torch", f"{_DCP}.default_planner.DefaultLoadPlanner.load_bytes", "self", "read_item", "value", leading=True)
+    c.source("torch", f"{_DCP}.default_planner.DefaultLoadPlanner.set_up_planner",
+             "self.original_state_dict", "self.mappings", "self.flatten_state_dict")
+    c.params("megatron-core", "megatron.core.dist_checkpointing.strategies.common.TorchCommonLoadStrategy.load_common",
+             "self", "checkpoint_dir", leading=True)
 
 
 def _targets():
@@ -75,8 +94,9 @@ def _load_common(load_torch: Callable):
 def restricted_reads(load_metadata: Callable, load_torch: Callable):
     """Within the block, torch DCP and megatron-core unpickle checkpoint files only through
     ``load_metadata(file, path)`` and ``load_torch(path_or_file, path)``."""
+    check()
     reader, planner, common = _targets()
-    with _lock:
+    with _lock, tracked("dcp_safe_reads"):
         saved = (reader.read_metadata, planner.load_bytes, common.load_common)
         reader.read_metadata = _read_metadata(load_metadata)
         planner.load_bytes = _load_bytes(load_torch)

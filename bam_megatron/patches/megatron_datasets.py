@@ -1,4 +1,4 @@
-"""megatron-core 0.16.1: ``BlendedDataset`` with an index cache but no process group.
+"""megatron-core 0.16.x: ``BlendedDataset`` with an index cache but no process group.
 
 ``BlendedDataset._build_indices`` calls ``torch.distributed.get_rank()`` unguarded when
 ``path_to_cache`` is set and the cache misses, which fails without a process group (tools and
@@ -6,7 +6,9 @@ tests build datasets in one process). ``BlendedDataset`` below builds the indice
 megatron-core's own code in that case and saves them under megatron-core's file names (the class
 keeps megatron-core's name, so its cache hash is the same). ``BlendedDatasetBuilder`` is
 megatron-core's builder making this class instead of its own. Both are plain subclasses; nothing
-of megatron-core is modified.
+of megatron-core is modified, so there is nothing to enter or leave: the builder runs ``check()``
+when it is made (megatron-core-private ``_build_indices`` overridden, the builder's static
+``build_generic_dataset`` re-dispatched), and fails in one line when megatron-core does not fit.
 """
 
 from __future__ import annotations
@@ -21,7 +23,22 @@ import torch
 from megatron.core.datasets.blended_dataset import BlendedDataset as _MCoreBlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
-TARGET_VERSION = "0.16.1"
+from bam_megatron.patches.target import MEGATRON_CORE, Check
+
+TARGETS = (MEGATRON_CORE,)
+_CONFIG = "megatron.core.datasets.blended_megatron_dataset_config.BlendedMegatronDatasetConfig"
+
+
+def check() -> None:
+    """Raise ``PatchTargetError`` unless megatron-core still has what the subclasses rely on."""
+    c = Check("megatron_datasets", *TARGETS)
+    c.source("megatron-core", "megatron.core.datasets.blended_dataset.BlendedDataset._build_indices",
+             "torch.distributed.get_rank()", "path_to_cache")
+    c.source("megatron-core", "megatron.core.datasets.blended_dataset.BlendedDataset.__init__",
+             "unique_description_hash", "unique_description", "self.split", "self.config")
+    c.params("megatron-core", "megatron.core.datasets.blended_megatron_dataset_builder.BlendedMegatronDatasetBuilder"
+             ".build_generic_dataset", "cls", "is_built_on_rank", "synchronize_ranks", leading=True)
+    c.has("megatron-core", *(f"{_CONFIG}.{name}" for name in ("path_to_cache", "defer_npy_index_mmap", "fast_cache_load")))
 
 
 class _DropMessage(logging.Filter):
@@ -82,6 +99,10 @@ class BlendedDataset(_MCoreBlendedDataset):
 
 class BlendedDatasetBuilder(BlendedMegatronDatasetBuilder):
     """BlendedMegatronDatasetBuilder that builds our BlendedDataset (see above)."""
+
+    def __init__(self, *args, **kwargs):
+        check()
+        super().__init__(*args, **kwargs)
 
     @staticmethod
     def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):

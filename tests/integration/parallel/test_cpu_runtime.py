@@ -266,59 +266,72 @@ _FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
     report = {}
     originals = (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state)
-    report["active_before"] = cpu_mode.cpu_mode_active()
-    report["untouched_before"] = (
-        torch.cuda.current_device.__module__ == "torch.cuda"
-        and torch.cuda.Stream.__module__.startswith("torch.cuda")
-        and mp_random._get_cuda_rng_state.__module__ == mp_random.__name__
-        and not torch.overrides._get_current_function_mode_stack()
-    )
-    try:
-        torch.zeros(1, device="cuda")
-        report["cuda_tensor_before"] = "created"
-    except (RuntimeError, AssertionError):
-        report["cuda_tensor_before"] = "refused"
 
-    cpu_mode.enable_cpu_mode()
-    cpu_mode.enable_cpu_mode()  # idempotent
-    report["active_after"] = cpu_mode.cpu_mode_active()
-    report["patched_after"] = all(
-        now is not old
-        for now, old in zip(
-            (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state),
-            originals,
+    def untouched():
+        return (
+            torch.cuda.current_device.__module__ == "torch.cuda"
+            and torch.cuda.Stream.__module__.startswith("torch.cuda")
+            and mp_random._get_cuda_rng_state.__module__ == mp_random.__name__
+            and not torch.overrides._get_current_function_mode_stack()
         )
+
+    def cuda_tensor():
+        try:
+            torch.zeros(1, device="cuda")
+            return "created"
+        except (RuntimeError, AssertionError):
+            return "refused"
+
+    report["active_before"] = cpu_mode.cpu_mode_active()
+    report["untouched_before"] = untouched()
+    report["cuda_tensor_before"] = cuda_tensor()
+
+    with cpu_mode.cpu_runtime(), cpu_mode.cpu_runtime():  # entries nest
+        report["active_after"] = cpu_mode.cpu_mode_active()
+        report["patched_after"] = all(
+            now is not old
+            for now, old in zip(
+                (torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state),
+                originals,
+            )
+        )
+        report["current_device"] = torch.cuda.current_device()
+        report["devices"] = [
+            torch.zeros(1, device="cuda").device.type,
+            torch.ones(1).cuda().device.type,
+            torch.ones(1).to(torch.cuda.current_device()).device.type,
+            torch.empty(1, pin_memory=True).device.type,
+        ]
+
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(torch.zeros(1, device="cuda").device.type))
+        worker.start(); worker.join()
+        report["thread_device"] = seen
+
+        class MakesCudaTensorInBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x * 2
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad * torch.full_like(grad, 2.0).to("cuda")
+
+        x = torch.ones(3, requires_grad=True)
+        MakesCudaTensorInBackward.apply(x).sum().backward()
+        report["backward_grad"] = x.grad.tolist()
+
+    report["active_left"] = cpu_mode.cpu_mode_active()
+    report["untouched_left"] = untouched() and all(
+        now is old
+        for now, old in zip((torch.cuda.current_device, torch.cuda.Stream, mp_random._get_cuda_rng_state), originals)
     )
-    report["current_device"] = torch.cuda.current_device()
-    report["devices"] = [
-        torch.zeros(1, device="cuda").device.type,
-        torch.ones(1).cuda().device.type,
-        torch.ones(1).to(torch.cuda.current_device()).device.type,
-        torch.empty(1, pin_memory=True).device.type,
-    ]
-
-    seen = []
-    worker = threading.Thread(target=lambda: seen.append(torch.zeros(1, device="cuda").device.type))
-    worker.start(); worker.join()
-    report["thread_device"] = seen
-
-    class MakesCudaTensorInBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x * 2
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * torch.full_like(grad, 2.0).to("cuda")
-
-    x = torch.ones(3, requires_grad=True)
-    MakesCudaTensorInBackward.apply(x).sum().backward()
-    report["backward_grad"] = x.grad.tolist()
+    report["cuda_tensor_left"] = cuda_tensor()
 
     torch.cuda.is_available = lambda: True  # pretend a GPU appeared: must refuse
-    cpu_mode._ACTIVE = False
     try:
-        cpu_mode.enable_cpu_mode()
+        with cpu_mode.cpu_runtime():
+            pass
         report["refuses_with_cuda"] = False
     except RuntimeError:
         report["refuses_with_cuda"] = True
@@ -329,7 +342,7 @@ _FRESH_PROCESS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 @needs_cpu_only
-def test_cpu_mode_inactive_until_enabled_in_fresh_process():
+def test_cpu_mode_inactive_until_entered_in_fresh_process_and_after_it_is_left():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -350,6 +363,9 @@ def test_cpu_mode_inactive_until_enabled_in_fresh_process():
     assert report["devices"] == ["cpu"] * 4
     assert report["thread_device"] == ["cpu"]
     assert report["backward_grad"] == [2.0, 2.0, 2.0]
+    assert report["active_left"] is False
+    assert report["untouched_left"] is True
+    assert report["cuda_tensor_left"] == "refused"
     assert report["refuses_with_cuda"] is True
 
 

@@ -129,9 +129,7 @@ def test_local_dispatch_matches_megatron_dispatcher(single_process, topk, pre_so
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from bam_megatron.model.dispatch import LocalSortTokenDispatcher, enable_local_dispatch
-    from bam_megatron.patches.megatron_moe import apply_megatron_compat
 
-    apply_megatron_compat()
     cfg = tiny_config(**moe_overrides(4, topk, pre_softmax, moe_z_loss_coeff=1e-3))
     sub = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=4).submodules
     ours, ref = MoELayer(cfg, sub, layer_number=1), MoELayer(cfg, sub, layer_number=1)
