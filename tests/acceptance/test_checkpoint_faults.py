@@ -51,7 +51,6 @@ def _one_line(err: str) -> str:
 # ------------------------------------------------------------------------------------ writers
 
 
-@pytest.mark.slow
 def test_second_run_on_one_save_refuses_and_a_stale_lock_is_taken_over(good, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     first = start_run(GOOD_ARGS + ["--train-iters", "400", "--save", ckpt, "--save-interval", "2"])

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 from support import REPO_ROOT as ROOT  # noqa: E402
 from support.checkpoints import common_state
 
@@ -17,7 +16,6 @@ STAGES = ["mixed and trained (before adding)", "+ math expert (after adding)", "
 ROWS = ["seed", "math expert"] + [f"{r}: {s}" for r in ("linear", "nexus") for s in STAGES]
 
 
-@pytest.mark.slow
 def test_nexus_example_runs_and_prints_its_table(tmp_path):
     out = tmp_path / "nexus"
     env = dict(

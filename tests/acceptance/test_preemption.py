@@ -55,7 +55,6 @@ def reference():
     return summary
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signame,flags", [("SIGTERM", []), ("SIGUSR1", ["--exit-signal", "SIGUSR1"])])
 def test_signal_saves_exits_zero_and_resumes_exactly(signame, flags, reference, tmp_path):
     ckpt = str(tmp_path / "ckpt")
@@ -94,7 +93,6 @@ def test_exit_interval_and_duration_stop_with_a_checkpoint(reference, tmp_path, 
     assert first["train_losses"] + second["train_losses"] + third["train_losses"] == reference["train_losses"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM without --exit-signal-handler"])
 def test_no_process_of_the_run_outlives_it(how, tmp_path):
     ckpt = str(tmp_path / "ckpt")
@@ -137,7 +135,6 @@ def long_references():
     return {1: dict(enumerate(one, start=1)), 2: two}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("signame,flags", [("SIGTERM", []), ("SIGUSR1", ["--exit-signal", "SIGUSR1"])])
 def test_stop_signal_to_every_process_of_the_run(ranks, signame, flags, long_references, tmp_path):
@@ -168,7 +165,6 @@ def test_stop_signal_to_every_process_of_the_run(ranks, signame, flags, long_ref
     assert resumed == {i: loss for i, loss in long_references[ranks].items() if i > stopped}  # exact on CPU
 
 
-@pytest.mark.slow
 def test_kill_9_of_torchrun_ends_its_ranks_and_their_helpers(tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     argv = LONG_ARGS + ["--train-iters", "400", "--save", ckpt, "--load", ckpt, "--save-interval", "2"]

@@ -17,7 +17,6 @@ ROWS = ["seed", "code expert", "legal expert", "math expert", "dense continued",
 DOMAINS = ("code", "legal", "math", "english")
 
 
-@pytest.mark.slow
 def test_quickstart_pipeline(tmp_path):
     out = tmp_path / "qs"
     env = dict(

@@ -62,7 +62,6 @@ def _our_scores(model, tok, items):
     return lls
 
 
-@pytest.mark.slow
 def test_lm_eval_offline_matches_our_scoring(tmp_path):
     model_dir, out_dir = str(tmp_path / "hf_model"), str(tmp_path / "lm_eval_out")
     model, tok = _tiny_hf_model(model_dir)

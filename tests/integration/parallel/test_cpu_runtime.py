@@ -229,7 +229,6 @@ def _tp2_worker(rank, world_size, checkpoint_dir):
     }
 
 
-@pytest.mark.slow
 @needs_two_devices
 def test_tp2_matches_single_process_and_loads_checkpoint(distributed, tmp_path):
     from megatron.core import dist_checkpointing
@@ -327,7 +326,6 @@ _FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 @needs_cpu_only
 def test_cpu_mode_inactive_until_enabled_in_fresh_process():
     env = dict(os.environ)
@@ -386,7 +384,6 @@ def _rank_1_hangs(rank, world_size):
     return rank
 
 
-@pytest.mark.slow
 def test_harness_propagates_worker_errors_and_timeouts():
     from support.dist_harness import WorkerFailed
 
