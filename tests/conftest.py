@@ -25,12 +25,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def single_process():
-    """A one-process (gloo on CPU) megatron-core setup, torn down afterwards."""
+    """A one-process (gloo on CPU) megatron-core setup, torn down afterwards, with the CPU runtime
+    left at the end of the test (``support/cpu_runtime.py``)."""
+    from support.cpu_runtime import cpu_runtime_scope
+
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
-    info = init_distributed(seed=1234)
-    yield info
-    destroy_distributed()
+    with cpu_runtime_scope():
+        info = init_distributed(seed=1234)
+        yield info
+        destroy_distributed()
 
 
 @pytest.fixture(scope="session", autouse=True)

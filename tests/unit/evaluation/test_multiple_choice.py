@@ -26,16 +26,18 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def bam_model():
+    from support.cpu_runtime import cpu_runtime_scope
     from support.generation import kind_configs
 
     from bam_megatron.model.build import build_bam_model
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
-    init_distributed(seed=5)
-    cfg, bam = kind_configs("BAM KV experts")
-    cfg.init_method_std = 0.05
-    yield build_bam_model(cfg, bam, vocab_size=4096, max_sequence_length=256, inference=True).eval()
-    destroy_distributed()
+    with cpu_runtime_scope():
+        init_distributed(seed=5)
+        cfg, bam = kind_configs("BAM KV experts")
+        cfg.init_method_std = 0.05
+        yield build_bam_model(cfg, bam, vocab_size=4096, max_sequence_length=256, inference=True).eval()
+        destroy_distributed()
 
 
 def reference_loglikelihood(model, tokenizer, context: str, choice: str, max_length: int) -> float:

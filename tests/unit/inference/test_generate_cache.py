@@ -13,11 +13,14 @@ from bam_megatron.inference.sampling import SamplingParams, sample
 
 @pytest.fixture(scope="module")
 def one_process():
+    from support.cpu_runtime import cpu_runtime_scope
+
     from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
 
-    init_distributed(seed=1234)
-    yield
-    destroy_distributed()
+    with cpu_runtime_scope():
+        init_distributed(seed=1234)
+        yield
+        destroy_distributed()
 
 
 @pytest.mark.parametrize("kind", KINDS)
