@@ -37,7 +37,6 @@ def text_corpus(work):
 @pytest.fixture(scope="module")
 def bpe_files(work, text_corpus):
     """A small byte-level BPE trained here: tokenizer.json plus its vocab.json/merges.txt."""
-    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     _, docs = text_corpus
