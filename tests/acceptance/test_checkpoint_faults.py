@@ -220,7 +220,8 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(goo
 @pytest.mark.skipif(not _unshare_available(), reason="needs user namespaces (unshare -rm) to mount a small tmpfs")
 def test_real_full_and_read_only_disks(good, tmp_path):
     """The same on real file systems: a 4 MiB tmpfs that holds one checkpoint but not the next,
-    and a read-only one (found before training)."""
+    and a read-only one (found before training). Where user namespaces are off it is skipped
+    with that reason, and ``test_full_and_read_only_disks_everywhere`` still runs both cases."""
     from support.training import SCRIPT, subprocess_env
 
     small, ro = tmp_path / "small", tmp_path / "ro"
