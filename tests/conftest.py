@@ -1,5 +1,6 @@
 """The test tiers are the directories: ``tests/unit`` is the quick tier (no model training, no
-subprocess, no multi-process harness); everything in ``tests/integration`` and
+program or helper process started, no multi-process harness, no checkpoint writer; only the
+preprocessing tool's own worker pool forks); everything in ``tests/integration`` and
 ``tests/acceptance`` is marked ``slow`` here, so ``-m "not slow"`` selects exactly
 ``tests/unit``."""
 
