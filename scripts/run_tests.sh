@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up the environment (once) and run the checks: ruff, then the test suite (CPU + gloo).
-#   bash scripts/run_tests.sh                   # everything (what CI runs; ~20 min on 2 cores)
-#   bash scripts/run_tests.sh -m "not slow"     # the quick tier (a few minutes)
-#   bash scripts/run_tests.sh tests/unit        # any pytest arguments
+#   bash scripts/run_tests.sh                   # everything (what CI runs; RUN_TESTS_FIGURE on 2 cores)
+#   bash scripts/run_tests.sh tests/unit        # the quick tier (= -m "not slow"; ~30 s on 2 cores)
+#   bash scripts/run_tests.sh tests/unit -p random_order --random-order-seed=7   # ... in random order
+#   bash scripts/run_tests.sh tests/integration/hf -k export   # any pytest arguments
+# A skipped test prints its reason (-rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/setup_env.sh test)
 export WANDB_MODE=offline
 "$PY" -m ruff check --quiet .
-exec "$PY" -m pytest -q "$@"
+exec "$PY" -m pytest -q -rs "$@"

@@ -1,7 +1,27 @@
+"""The test tiers are the directories: ``tests/unit`` is the quick tier (no model training, no
+program or helper process started, no multi-process harness, no checkpoint writer; only the
+preprocessing tool's own worker pool forks); everything in ``tests/integration`` and
+``tests/acceptance`` is marked ``slow`` here, so ``-m "not slow"`` selects exactly
+``tests/unit``."""
+
+import os
 import shutil
 import tempfile
 
 import pytest
+
+UNIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit") + os.sep
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` for every test outside ``tests/unit``; a ``slow`` mark set by hand inside it is an
+    error (such a test belongs in ``tests/integration``)."""
+    for item in items:
+        in_unit = str(item.path).startswith(UNIT)
+        if not in_unit:
+            item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("slow") is not None:
+            raise pytest.UsageError(f"{item.nodeid} is marked slow: move it to tests/integration")
 
 
 @pytest.fixture

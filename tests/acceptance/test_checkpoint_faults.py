@@ -5,6 +5,8 @@ never destroyed or half-written.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import json
 import os
 import shutil
@@ -51,7 +53,6 @@ def _one_line(err: str) -> str:
 # ------------------------------------------------------------------------------------ writers
 
 
-@pytest.mark.slow
 def test_second_run_on_one_save_refuses_and_a_stale_lock_is_taken_over(good, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     first = start_run(GOOD_ARGS + ["--train-iters", "400", "--save", ckpt, "--save-interval", "2"])
@@ -219,7 +220,8 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(goo
 @pytest.mark.skipif(not _unshare_available(), reason="needs user namespaces (unshare -rm) to mount a small tmpfs")
 def test_real_full_and_read_only_disks(good, tmp_path):
     """The same on real file systems: a 4 MiB tmpfs that holds one checkpoint but not the next,
-    and a read-only one (found before training)."""
+    and a read-only one (found before training). Where user namespaces are off it is skipped
+    with that reason, and ``test_full_and_read_only_disks_everywhere`` still runs both cases."""
     from support.training import SCRIPT, subprocess_env
 
     small, ro = tmp_path / "small", tmp_path / "ro"
@@ -242,6 +244,110 @@ echo "RC=${{PIPESTATUS[0]}}"
     assert ".tmp" not in full and "iter_0000004" in full
     assert readonly.startswith("1") and "cannot be written (read-only file system)" in out, _tail(out)
     assert "iteration        1/" not in out.split("RC=")[1]  # nothing trained on the read-only disk
+
+
+class _SmallDisk:
+    """A file system of ``size`` bytes holding ``root``, as the save path sees it: for paths under
+    ``root``, ``shutil.disk_usage`` reports what the files there leave free, and a write (Python's
+    ``open``, which megatron-core's checkpoint writers use; they are forked and inherit it) that
+    would go beyond the size fails with ENOSPC, as the kernel fails it."""
+
+    def __init__(self, root: str, size: int, monkeypatch):
+        self.root, self.size = root, size
+        self._usage, self._open = shutil.disk_usage, builtins.open
+        monkeypatch.setattr(shutil, "disk_usage", self.disk_usage)
+        monkeypatch.setattr(builtins, "open", self.open)
+
+    def _mine(self, path) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(self.root + os.sep)
+
+    def used(self) -> int:
+        return save_module.directory_bytes(self.root)
+
+    def disk_usage(self, path):
+        if not self._mine(os.path.join(path, "x")):
+            return self._usage(path)
+        used = self.used()
+        return shutil._ntuple_diskusage(self.size, used, max(0, self.size - used))
+
+    def open(self, file, mode="r", *args, **kwargs):
+        stream = self._open(file, mode, *args, **kwargs)
+        return _Filling(stream, self, file) if self._mine(file) and set(mode) & set("wax+") else stream
+
+
+class _Filling:
+    """A file of a ``_SmallDisk``: ``write`` raises ENOSPC once the disk is full."""
+
+    def __init__(self, stream, disk: _SmallDisk, name):
+        self._stream, self._disk, self._name = stream, disk, name
+
+    def write(self, data):
+        size = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
+        if self._disk.used() + size > self._disk.size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self._name))
+        return self._stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.__exit__(*exc)
+
+
+def _read_only(folder: str, monkeypatch) -> None:
+    """``folder`` on a read-only file system: creating a folder or opening a file for writing under
+    it fails with EROFS."""
+    makedirs, os_open, py_open = os.makedirs, os.open, builtins.open
+
+    def refuse(path):
+        if os.path.abspath(path).startswith(folder + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def fake_makedirs(path, *args, **kwargs):
+        refuse(path)
+        return makedirs(path, *args, **kwargs)
+
+    def fake_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return os_open(path, flags, *args, **kwargs)
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+"):
+            refuse(file)
+        return py_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", fake_makedirs)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(builtins, "open", fake_open)
+
+
+def test_full_and_read_only_disks_everywhere(good, tmp_path, capsys, monkeypatch):
+    """What ``test_real_full_and_read_only_disks`` checks, where no file system can be mounted:
+    the disk is faked at the calls the save path makes (free space, file writes, folder and file
+    creation). A 4 MiB disk holds one checkpoint but not the next: one line, the previous
+    checkpoint intact, no half-written folder; a read-only disk is found before training."""
+    small = str(tmp_path / "small")
+    os.makedirs(small)
+    _SmallDisk(small, 4 * 2**20, monkeypatch)
+    rc, out, err = run_main(GOOD_ARGS + ["--save", f"{small}/ckpt", "--save-interval", "4",
+                                         "--keep-last-checkpoints", "1"], capsys)
+    monkeypatch.undo()
+    line = _one_line(err)
+    assert rc == 1 and "not enough free space" in line and f"{iteration_dir(small + '/ckpt', 4)} is intact" in line, line
+    assert read_tracker(f"{small}/ckpt") == 4 and not [n for n in os.listdir(f"{small}/ckpt") if ".tmp" in n]
+    assert_complete(iteration_dir(f"{small}/ckpt", 4))
+
+    ro = str(tmp_path / "ro")
+    os.makedirs(ro)
+    _read_only(ro, monkeypatch)
+    rc, out, err = run_main(GOOD_ARGS + ["--save", f"{ro}/ckpt"], capsys)
+    monkeypatch.undo()
+    assert rc == 1 and "cannot be written (read-only file system)" in _one_line(err)
+    assert "iteration        1/" not in out and not os.path.exists(f"{ro}/ckpt")  # nothing trained
 
 
 def test_unwritable_save_is_found_before_training(good, tmp_path, capsys):

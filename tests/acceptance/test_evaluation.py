@@ -4,17 +4,23 @@ and --full-validation gives one value whatever the batch size."""
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 from support.training import BAM, NO_DROPOUT, TINY
 
 from bam_megatron import training
+from bam_megatron.cli import evaluate
 
 EVAL = ["--eval-iters", "2", "--micro-batch-size", "4", "--global-batch-size", "8"]
 
 
 def _evaluate(ckpt, corpus, *extra):
-    return training.pretrain(["--load", ckpt, "--use-checkpoint-args", "--skip-train", "--no-load-optim",
-                              "--no-load-rng", "--valid-data-path", f"code:{corpus['code']}", *EVAL, *extra])
+    """The summary of the run tools/evaluate_bam.py starts for ``ckpt`` (its own arguments and
+    command: ``cli/evaluate.py``)."""
+    args, models, passthrough = evaluate.parse_args(["--model", f"m={ckpt}", "--valid-data-path", f"code:{corpus['code']}",
+                                                     "--out-dir", "unused", *EVAL, *extra])
+    return evaluate.evaluate_model(models[0][1], args, passthrough)
 
 
 def test_training_log_and_a_later_evaluation_agree(corpus, tmp_path):
@@ -25,6 +31,12 @@ def test_training_log_and_a_later_evaluation_agree(corpus, tmp_path):
     trained = training.pretrain(argv)
     later = _evaluate(ckpt, corpus)
     assert later["valid"]["code"] == pytest.approx(trained["valid"]["code"], rel=1e-6)
+    out = tmp_path / "results"
+    assert evaluate.main(["--model", f"tiny={ckpt}", "--valid-data-path", f"code:{corpus['code']}",
+                          "--out-dir", str(out), *EVAL]) == 0
+    with open(out / "results.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["model"] == "tiny" and float(row["code_loss"]) == pytest.approx(trained["valid"]["code"], rel=1e-6)
     again = _evaluate(ckpt, corpus)
     assert again["valid"] == later["valid"]  # the same samples every time
 

@@ -65,7 +65,6 @@ def test_a_word_for_a_null_tokenizer_is_one_line(good, capsys):
                    "--tokenizer-model)\n")
 
 
-@pytest.mark.slow
 def test_torchrun_ep2_matches_one_process(good, capsys):
     assert program.main(["--load", good["root"], "-q", *PROMPTS]) == 0
     single = _json_lines(capsys.readouterr().out)

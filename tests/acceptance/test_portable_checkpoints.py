@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from support import REPO_ROOT
 from support.hf import make_hf_model
 from support.training import subprocess_env
@@ -24,7 +23,6 @@ def _run(cwd, script, *argv, timeout=300):
     return proc.stdout
 
 
-@pytest.mark.slow
 def test_import_move_mix_train_generate_export_from_anywhere(tmp_path):
     make_hf_model(str(tmp_path / "hf"), "LlamaConfig")
     _run(tmp_path / "w1", os.path.join(TOOLS, "hf_import.py"), "../hf", "-o", "../imported/seed", "--seq-length", "32", "-q")

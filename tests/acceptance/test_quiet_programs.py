@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from support import REPO_ROOT
 from support.training import MOCK, NO_DROPOUT, TINY
 
@@ -18,7 +17,6 @@ def _run(*argv, cwd):
     return proc.stderr
 
 
-@pytest.mark.slow
 def test_training_and_the_tools_print_no_library_warnings(tmp_path):
     err = _run(os.path.join(REPO_ROOT, "pretrain_bam.py"), *TINY, *NO_DROPOUT, *MOCK, "--train-iters", "2",
                "--lr-warmup-iters", "1", "--save", "ckpt", cwd=tmp_path)

@@ -99,7 +99,6 @@ def slurm(tmp_path):
     return env, tmp_path
 
 
-@pytest.mark.slow
 def test_seed_template_saves_on_usr1_requeues_and_resumes(slurm):
     env, tmp = slurm
     proc = subprocess.Popen(["bash", "examples/slurm/seed.sbatch"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,

@@ -64,7 +64,6 @@ def _assert_matches_good(out, good, first_iteration, tol=2e-3):
     assert valid == pytest.approx(good["valid"], abs=tol)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["pp2", "tp2"])
 def test_torchrun_resumes_one_process_checkpoint(layout, good):
     """Two processes at TP2 (+ sequence parallel) / PP2 resume the one-process checkpoint
@@ -76,7 +75,6 @@ def test_torchrun_resumes_one_process_checkpoint(layout, good):
     _assert_matches_good(out, good, half + 1)
 
 
-@pytest.mark.slow
 def test_torchrun_ep2_trains_from_one_process_weights(good):
     """EP2 (2 data-parallel ranks, 1 micro-batch each) resumes the one-process weights with a
     fresh optimizer and trains: the first step sees the same weights and data, so the same lm
@@ -95,7 +93,6 @@ def test_torchrun_ep2_trains_from_one_process_weights(good):
     assert iteration == GOOD_ITERS and math.isfinite(valid)
 
 
-@pytest.mark.slow
 def test_torchrun_ep2_refuses_one_process_optimizer_state(good):
     """EP1 keeps one optimizer, EP2 a dense + expert pair: resuming the one-process optimizer
     state at EP2 is a clear error that names the way out (--no-load-optim), before training."""
@@ -111,7 +108,6 @@ def test_torchrun_ep2_refuses_one_process_optimizer_state(good):
     assert train_log(proc.stdout) == {}
 
 
-@pytest.mark.slow
 def test_two_nodes_on_localhost(tmp_path):
     """Two torchrun agents (--nnodes 2, one process each) rendezvous on localhost and train an
     EP2 BAM model across the 'nodes'."""
@@ -148,7 +144,6 @@ def test_two_nodes_on_localhost(tmp_path):
 # ------------------------------------------------------------------------------------ 3. resume
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
     """SIGKILL after the checkpoint at iteration K, resume with --load: every later loss (and
     the final validation loss) equals the uninterrupted run's, with dropout on."""
@@ -204,7 +199,6 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert not [name for name in os.listdir(ckpt) if name.endswith(".tmp")]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout,optim", [("dp2", "distributed"), ("ep2", "distributed"), ("ep2", "plain")])
 def test_two_process_run_resumes_exactly(layout, optim, tmp_path, capsys):
     """Two processes (data parallel, or EP2 with its chain of a dense and an expert optimizer;
@@ -248,7 +242,6 @@ def test_two_process_run_resumes_exactly(layout, optim, tmp_path, capsys):
 # ------------------------------------------------------------------------------------ 4. layouts
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_checkpoint_loads_at_other_layout(layout, good):
     """Saved by one process, evaluated (--skip-train) at TP2 / EP2 / PP2: same validation loss."""

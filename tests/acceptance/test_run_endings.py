@@ -98,7 +98,6 @@ def test_a_finished_command_run_again_changes_nothing(good, tmp_path, capsys):
     assert disk_state(ckpt) == before
 
 
-@pytest.mark.slow
 def test_a_finished_command_run_again_under_torchrun(good, tmp_path):
     ckpt = _copy(good, tmp_path)
     before = disk_state(ckpt)

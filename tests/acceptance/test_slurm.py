@@ -37,8 +37,6 @@ from support.training import NO_DROPOUT, SAVED_LINE, TINY, free_port
 from bam_megatron.checkpoint.layout import iteration_dir
 from bam_megatron.checkpoint.opener import open_checkpoint, read_tracker, tensor_reader
 
-pytestmark = pytest.mark.slow
-
 SETUP = os.path.join(REPO_ROOT, "scripts", "local_slurm.sh")
 SLURM_DIR = os.environ.get("BAM_SLURM_DIR", "/var/tmp/bam-slurm")
 ITERS, SAVE_INTERVAL = 30, 5

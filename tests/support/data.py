@@ -66,3 +66,19 @@ def _domain_of(tokens):
     found = {name for name, (lo, hi) in DOMAIN_RANGES.items()
              if bool(((t >= lo) & (t < hi)).any())}
     return found
+
+
+def build_null_data(work):
+    """Two NullTokenizer domains under ``work``, each with a train and a held-out validation file:
+    ``{(domain, "train" | "valid"): prefix}``."""
+    prefixes = {}
+    for seed, (name, (lo, hi)) in enumerate(DOMAIN_RANGES.items()):
+        for part, n in (("train", 200), ("valid", 40)):
+            src = work / f"{name}_{part}.jsonl"
+            _write_jsonl(src, _null_docs(lo, hi, n, seed * 10 + (part == "valid")))
+            out = work / f"{name}_{part}"
+            _preprocess(["--input", src, "--output-prefix", out, "--tokenizer-type",
+                         "NullTokenizer", "--vocab-size", NULL_VOCAB, "--append-eod",
+                         "--workers", 1])
+            prefixes[(name, part)] = f"{out}_text_document"
+    return prefixes

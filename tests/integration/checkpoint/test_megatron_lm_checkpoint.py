@@ -79,7 +79,6 @@ def test_the_opener_reads_the_real_head_layout(pair):
     assert ckpt.verification.summary() == "no checksums recorded (structure checked only)"
 
 
-@pytest.mark.slow
 def test_every_program_gives_the_same_result_as_on_ours(pair, tmp_path, capsys):
     d = pair["dir"]
     info = json.loads(_run(inspect_checkpoint.main, [pair["mlm"], "--json"], capsys))

@@ -209,7 +209,6 @@ def test_static_cache_generates_the_dynamic_cache_tokens(exported, case):
     assert torch.equal(model.generate(ids, cache_implementation="static", prefill_chunk_size=4, **greedy), dynamic)
 
 
-@pytest.mark.slow
 def test_flex_attention_agrees_with_sdpa(exported):
     """flex_attention (torch.compile'd; about 20 s of compilation on a CPU)."""
     flex, sdpa = _load(exported["bam-shared-kv"], "flex_attention"), _load(exported["bam-shared-kv"], "sdpa")

@@ -6,7 +6,6 @@ saved again from there; the export of that checkpoint must give the 4-process lo
 one-process logits for the pipeline, whose stages hold no full model).
 """
 
-import pytest
 from support.checkpoints import index_of
 from support.dist_harness import run_distributed
 from support.hf import hf_logits, our_logits, tokens
@@ -47,7 +46,6 @@ def layout_worker(rank, world, runs):
     return logits if rank == 0 else None
 
 
-@pytest.mark.slow
 def test_export_of_checkpoints_saved_at_tp2_ep2_and_pp2(single_process, tmp_path):
     one_process = {}
     for case in DENSE + MOE:

@@ -62,7 +62,6 @@ def test_nexus_export_gives_our_logits_and_greedy_tokens(single_process, tmp_pat
     assert bf16.model.layers[0].mlp.router.domain_embeddings.dtype == torch.float32
 
 
-@pytest.mark.slow
 def test_nexus_exports_of_checkpoints_saved_at_ep2_and_tp2(single_process, tmp_path):
     one, greedy = {}, {}
     for case in CASES:

@@ -66,7 +66,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.mark.slow
 def test_served_completion_is_generate_py_text_and_chat_uses_the_template(exported, capsys):
     from openai import OpenAI
 

@@ -77,7 +77,6 @@ def one_process(tmp_path_factory):
     return root, result
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_cached_generation_at_layout(one_process, layout):
     root, single = one_process

@@ -178,32 +178,6 @@ def test_single_process_training_loss_decreases(distributed):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_rng_tracker_is_deterministic_and_reinit_works(distributed):
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    def draw():
-        device = get_device()
-        before = torch.get_rng_state()
-        with get_cuda_rng_tracker().fork():
-            forked = torch.rand(8, device=device)
-            dropped = torch.nn.functional.dropout(torch.ones(64, device=device), p=0.5)
-        # the CPU (and, under CPU mode, the aliased default "CUDA") stream is restored
-        assert torch.equal(before, torch.get_rng_state())
-        return forked, dropped, torch.rand(8, device=device)
-
-    distributed(seed=7)
-    first = draw()
-    destroy_distributed()
-    assert not dist.is_initialized()
-
-    distributed(seed=7)
-    second = draw()
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    # the model-parallel stream is not the default stream
-    assert not torch.equal(first[0], first[2])
-
-
 def _tp2_worker(rank, world_size, checkpoint_dir):
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -229,7 +203,6 @@ def _tp2_worker(rank, world_size, checkpoint_dir):
     }
 
 
-@pytest.mark.slow
 @needs_two_devices
 def test_tp2_matches_single_process_and_loads_checkpoint(distributed, tmp_path):
     from megatron.core import dist_checkpointing
@@ -340,7 +313,6 @@ _FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 @needs_cpu_only
 def test_cpu_mode_inactive_until_entered_in_fresh_process_and_after_it_is_left():
     env = dict(os.environ)
@@ -369,25 +341,6 @@ def test_cpu_mode_inactive_until_entered_in_fresh_process_and_after_it_is_left()
     assert report["refuses_with_cuda"] is True
 
 
-def test_non_dividing_layout_is_a_one_line_error(monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "1")  # nothing may connect: the check comes first
-    with pytest.raises(ValueError) as excinfo:
-        init_distributed(tensor_model_parallel_size=3)
-    message = str(excinfo.value)
-    assert "\n" not in message
-    assert "world size 2" in message and "tensor-model-parallel-size 3" in message
-    assert not dist.is_initialized()
-
-    with pytest.raises(ValueError, match=r"world size 4 .* expert-model-parallel-size 3"):
-        monkeypatch.setenv("WORLD_SIZE", "4")
-        init_distributed(expert_model_parallel_size=3)
-    assert not dist.is_initialized()
-
-
 def _rank_1_raises(rank, world_size):
     if rank == 1:
         raise ValueError(f"boom from rank {rank} of {world_size}")
@@ -402,11 +355,19 @@ def _rank_1_hangs(rank, world_size):
     return rank
 
 
-@pytest.mark.slow
 def test_harness_propagates_worker_errors_and_timeouts():
     from support.dist_harness import WorkerFailed
 
     with pytest.raises(WorkerFailed, match=r"(?s)rank 1 raised.*ValueError: boom from rank 1 of 2"):
         run_distributed(_rank_1_raises, 2, timeout_s=60)
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish"):
-        run_distributed(_rank_1_hangs, 2, timeout_s=6)
+    # The timeout names the ranks without a result. Rank 0 finishes as soon as it has started,
+    # which a loaded machine may not manage within a short timeout: then the timeout doubles,
+    # up to a deadline, until rank 1 is the only rank named.
+    timeout = 6
+    while True:
+        with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] did not finish") as raised:
+            run_distributed(_rank_1_hangs, 2, timeout_s=timeout)
+        if "ranks [1] " in str(raised.value) or timeout >= 96:
+            break
+        timeout *= 2
+    assert "ranks [1] did not finish" in str(raised.value), str(raised.value)

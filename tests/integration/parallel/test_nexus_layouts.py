@@ -16,7 +16,6 @@ from bam_megatron.checkpoint.weights import read_global_tensors
 LP = "decoder.layers.mlp."
 
 
-@pytest.mark.slow
 def test_nexus_moe_matches_one_process_at_tp2_ep2_pp2(tmp_path):
     weights, grads = str(tmp_path / "w1"), str(tmp_path / "g1")
     ref_loss = _loss(run_distributed(train_step_worker, 1, (1, 1, 1), None, grads, save_dir=weights, nexus=True))

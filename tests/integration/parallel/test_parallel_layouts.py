@@ -149,7 +149,6 @@ def _assert_same_grads(ref, got, layout):
     [(2, 1, 1), (1, 1, 2), (1, 2, 1), (2, 1, 2)],
     ids=["TP2", "EP2", "PP2", "TP2xEP2"],
 )
-@pytest.mark.slow
 def test_layout_matches_one_process(reference, layout):
     root, weights, ref_loss, ref_grads = reference
     tp, pp, ep = layout
@@ -160,7 +159,6 @@ def test_layout_matches_one_process(reference, layout):
     _assert_same_grads(ref_grads, load_plain_tensors(grads), layout)
 
 
-@pytest.mark.slow
 def test_checkpoint_saved_at_tp2ep2_loads_at_pp2(reference):
     root, _, ref_loss, ref_grads = reference
     saved = str(root / "weights_tp2ep2")
@@ -172,7 +170,6 @@ def test_checkpoint_saved_at_tp2ep2_loads_at_pp2(reference):
     _assert_same_grads(ref_grads, load_plain_tensors(grads), "tp2ep2->pp2")
 
 
-@pytest.mark.slow
 def test_shared_kv_tp2xep2_matches_one_process(tmp_path):
     weights, g1, g4 = (str(tmp_path / n) for n in ("w", "g1", "g4"))
     ref = _loss(run_distributed(train_step_worker, 1, (1, 1, 1), None, g1, save_dir=weights, kv_sharing=True))

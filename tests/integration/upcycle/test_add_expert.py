@@ -123,7 +123,6 @@ def test_linear_shared_kv_bam_follows_the_mean_row_rule(dense_models, domain_fil
     _check_merged(out_t, moe_t, dense_t, 0.25, MERGED)
 
 
-@pytest.mark.slow
 def test_output_fine_tunes_at_an_ep_size_dividing_only_the_new_count(dense_models, domain_file, tmp_path, capsys):
     """Nexus BTX (averaged attention): 3 routed experts + the shared one, then e: 4 routed. EP2
     did not divide 3; the extended model trains at EP2 with the loss of one process."""

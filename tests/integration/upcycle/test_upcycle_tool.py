@@ -285,7 +285,6 @@ def _torchrun(nproc, argv):
     return float(LOSS_LINE.search(proc.stdout).group(1))
 
 
-@pytest.mark.slow
 def test_cli_output_loads_at_every_layout(seeds, tmp_path):
     """The real command line (BAM defaults: KV experts, FFN top-1), then the output evaluated at
     one process and under torchrun at TP2, EP2, PP2 and TP2×EP2."""

@@ -1,13 +1,12 @@
 """The tools' one output transaction: complete or absent, a previous output replaced only with
---force and only once the new one is complete, SIGTERM and disk errors as one line, and the
-temporary folder of a killed tool removed by the next run on the same output."""
+--force and only once the new one is complete, SIGTERM and disk errors as one line, and
+the temporary folder of a live tool left alone (that of a killed one:
+``tests/integration/checkpoint/test_killed_tool_output.py``)."""
 
 import errno
 import glob
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -69,22 +68,6 @@ def test_sigterm_unwinds_the_transaction(tmp_path):
             signal.raise_signal(signal.SIGTERM)
     assert not target.exists() and not glob.glob(str(target) + ".tmp-*")
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is the transaction's only inside it
-
-
-def test_the_folder_of_a_killed_tool_is_removed_by_the_next_run(tmp_path):
-    target = str(tmp_path / "out")
-    code = ("import os, signal, sys\nfrom bam_megatron.checkpoint.tool_output import OutputTransaction\n"
-            "with OutputTransaction(sys.argv[1], sync=False) as out:\n"
-            "    open(os.path.join(out.tmp, 'half.bin'), 'wb').write(b'half')\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n")
-    proc = subprocess.run([sys.executable, "-c", code, target], capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    left = glob.glob(target + ".tmp-*")
-    assert len(left) == 1 and os.path.isfile(os.path.join(left[0], "half.bin"))
-    with OutputTransaction(target, sync=False) as out:
-        assert not os.path.exists(left[0])  # removed before this run writes
-        _write(out)
-    assert os.listdir(target) == ["model.bin"] and not glob.glob(target + ".tmp-*")
 
 
 def test_a_live_tools_folder_is_left_alone(tmp_path):

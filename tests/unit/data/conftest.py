@@ -2,7 +2,7 @@
 
 
 import pytest
-from support.data import DOMAIN_RANGES, NULL_VOCAB, _null_docs, _preprocess, _text_docs, _write_jsonl
+from support.data import NULL_VOCAB, _text_docs, _write_jsonl, build_null_data
 
 from bam_megatron.data.tokenizers import (  # noqa: E402
     build_tokenizer,
@@ -37,7 +37,6 @@ def text_corpus(work):
 @pytest.fixture(scope="module")
 def bpe_files(work, text_corpus):
     """A small byte-level BPE trained here: tokenizer.json plus its vocab.json/merges.txt."""
-    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     _, docs = text_corpus
@@ -63,17 +62,7 @@ def bpe_files(work, text_corpus):
 @pytest.fixture(scope="module")
 def null_data(work):
     """Two NullTokenizer domains, each with a train and a held-out validation file."""
-    prefixes = {}
-    for seed, (name, (lo, hi)) in enumerate(DOMAIN_RANGES.items()):
-        for part, n in (("train", 200), ("valid", 40)):
-            src = work / f"{name}_{part}.jsonl"
-            _write_jsonl(src, _null_docs(lo, hi, n, seed * 10 + (part == "valid")))
-            out = work / f"{name}_{part}"
-            _preprocess(["--input", src, "--output-prefix", out, "--tokenizer-type",
-                         "NullTokenizer", "--vocab-size", NULL_VOCAB, "--append-eod",
-                         "--workers", 1])
-            prefixes[(name, part)] = f"{out}_text_document"
-    return prefixes
+    return build_null_data(work)
 
 
 @pytest.fixture(scope="module")

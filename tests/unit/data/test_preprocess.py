@@ -1,13 +1,10 @@
 """``tools/preprocess_data.py``: indexed datasets equal to direct tokenization, one-line errors."""
 
 import os
-import subprocess
-import sys
 
 import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
-from support import REPO_ROOT as REPO  # noqa: E402
 from support.data import EOD, _preprocess, _read_documents
 
 from bam_megatron.data.tokenizers import (  # noqa: E402
@@ -143,19 +140,6 @@ def test_preprocess_bad_utf8_and_missing_files(bpe_files, tmp_path):
         _preprocess(["--input", src, "--output-prefix", tmp_path / "o", "--tokenizer-type",
                      "GPT2BPETokenizer", "--vocab-file", tmp_path / "missing.json",
                      "--merge-file", bpe_files["merges"]])
-
-
-@pytest.mark.slow
-def test_preprocess_runs_as_a_script_with_one_line_errors(tmp_path):
-    missing = tmp_path / "x.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "tools/preprocess_data.py", "--input", str(missing), "--output-prefix",
-         str(tmp_path / "n"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"preprocess_data.py: error: --input file not found: {missing}")
 
 
 # --------------------------------------------------------------------------------------------

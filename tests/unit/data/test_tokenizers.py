@@ -107,8 +107,9 @@ def test_hf_tokenizer_from_local_tokenizer_json(bpe_files, tmp_path):
 
 
 def test_sentencepiece_tokenizer(work, text_corpus):
-    spm = pytest.importorskip("sentencepiece")
     import io
+
+    import sentencepiece as spm
 
     _, docs = text_corpus
     lines = [d["text"] for d in docs if isinstance(d["text"], str) and d["text"]]

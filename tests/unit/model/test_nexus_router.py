@@ -1,7 +1,7 @@
 """The Nexus router and the shared FFN expert against a reference written here: the projection
 ``e_i = W2·SwiGLU(W1·d_i)``, logits ``x·e_i``, top-1 routing over the domain experts and the
-always-on shared expert — outputs and gradients; aux losses reach the projection; the router's
-tensors round-trip through a checkpoint."""
+always-on shared expert — outputs and gradients; aux losses reach the projection. (The router's
+tensors through a checkpoint: ``tests/integration/model/test_nexus_router_checkpoint.py``.)"""
 
 import pytest
 import torch
@@ -9,10 +9,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 from support.models import SEQ, VOCAB, batch, moe_overrides, tiny_config
 
-from bam_megatron.checkpoint.weights import load_model_weights, read_global_tensors, save_model_weights
 from bam_megatron.model.build import build_bam_model
 from bam_megatron.model.config import BAMConfig, BAMConfigError, validate_bam_setup
-from bam_megatron.model.flops import ModelShape, parameter_counts
 from bam_megatron.model.nexus_router import NexusConfig, NexusRouter
 
 N, D, P, F_SHARED = 3, 32, 48, 80
@@ -100,34 +98,6 @@ def test_aux_and_z_loss_reach_the_projection(single_process):
     model, off = grads(_config(moe_aux_loss_coeff=0.0))
     _, on = grads(_config(moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.1), model.state_dict())
     assert off.abs().sum() > 0 and not torch.allclose(on, off)
-
-
-def test_router_tensors_round_trip_through_a_checkpoint(single_process, tmp_path):
-    cfg = _config()
-    model = build_bam_model(cfg, NEXUS, vocab_size=VOCAB, max_sequence_length=SEQ)
-    with torch.no_grad():
-        model.decoder.layers[1].mlp.router.domain_embeddings.fill_(0.25)
-    save_model_weights(model, str(tmp_path / "ckpt"))
-    saved = read_global_tensors(str(tmp_path / "ckpt"))
-    lp = "decoder.layers.mlp."
-    assert saved[lp + "router.domain_embeddings"].shape == (2, N, D)
-    assert saved[lp + "router.projection_fc1.weight"].shape == (2, 2 * P, D)
-    assert saved[lp + "router.projection_fc2.weight"].shape == (2, 64, P)
-    assert saved[lp + "shared_experts.linear_fc1.weight"].shape == (2, 2 * F_SHARED, 64)
-    assert lp + "router.weight" not in saved
-    total, active = parameter_counts(ModelShape(
-        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4, head_dim=16, ffn_hidden_size=96,
-        vocab_size=VOCAB, ffn_experts=N, ffn_topk=1, shared_ffn_size=F_SHARED, nexus_sizes=(D, P)))
-    assert total == sum(p.numel() for p in model.parameters())
-    assert total - active == 2 * (N - 1) * 3 * 64 * 96  # all but one routed expert per layer idle
-    assert torch.equal(saved[lp + "router.domain_embeddings"][1], torch.full((N, D), 0.25))
-
-    torch.manual_seed(99)  # another init
-    other = build_bam_model(cfg, NEXUS, vocab_size=VOCAB, max_sequence_length=SEQ)
-    load_model_weights(other, str(tmp_path / "ckpt"))
-    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
-        if torch.is_tensor(a):
-            assert torch.equal(a, b), name
 
 
 def test_nexus_settings_errors_are_one_line():

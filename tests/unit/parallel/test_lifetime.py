@@ -1,19 +1,17 @@
-"""How the processes of a run end (``bam_megatron/parallel/lifetime.py``), on real processes.
+"""How the processes of a run end (``bam_megatron/parallel/lifetime.py``), in this process.
 
-* a helper ignores every stop signal of the run and dies with its parent, even of kill -9;
 * ``stop_signals_blocked`` holds a stop signal for this process until the block ends;
 * the stop signals are the ones ``--exit-signal`` offers.
+
+(A helper process that dies with its parent: ``tests/integration/parallel/test_helper_lifetime.py``.)
 """
 
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 
 import pytest
-from support import REPO_ROOT
 
 from bam_megatron.parallel import lifetime
 
@@ -26,14 +24,6 @@ def _signals(pid: int, field: str) -> set:
     return {sig for sig in signal.Signals if mask & (1 << (sig - 1))}
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def test_stop_signals_are_the_exit_signal_choices():
     from bam_megatron.training.arguments import build_parser
     from bam_megatron.training.exit_conditions import SIGNALS
@@ -42,47 +32,6 @@ def test_stop_signals_are_the_exit_signal_choices():
     assert sorted(names) == sorted(SIGNALS)
     action = next(a for a in build_parser()._actions if a.dest == "exit_signal")
     assert sorted(action.choices) == sorted(names)
-
-
-# A parent that forks one helper (helper_process_init first), prints its pid and waits.
-_PARENT = """
-import multiprocessing as mp, sys, time
-from bam_megatron.parallel.lifetime import helper_process_init
-
-def helper(ready):
-    helper_process_init()
-    ready.set()
-    time.sleep(600)
-
-ready = mp.get_context("fork").Event()
-p = mp.get_context("fork").Process(target=helper, args=(ready,))
-p.start()
-assert ready.wait(60)
-print(p.pid, flush=True)
-time.sleep(600)
-"""
-
-
-@linux_only
-def test_a_helper_ignores_stop_signals_and_dies_with_its_parent():
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        helper = int(parent.stdout.readline())
-        assert set(lifetime.STOP_SIGNALS) <= _signals(helper, "SigIgn")
-        for sig in lifetime.STOP_SIGNALS:  # an ignored signal is discarded when it is sent
-            os.kill(helper, sig)
-        assert not _gone(helper)
-        parent.kill()  # kill -9: the helper must follow
-        parent.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while not _gone(helper) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(helper), "the helper outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
 
 
 @linux_only
