@@ -9,6 +9,8 @@ every guarantee of the synchronous save:
 * kill -9 during the background write: the tracker names the previous complete checkpoint, which
   loads; the partial ``iter_N.tmp`` is ignored and then removed by the next run; no helper left;
 * a full disk during a background write: one line naming the intact checkpoint, exit 1;
+* a model spoiled while a background save is in flight: that save completes, the finite check
+  refuses the next one before handing anything over, and the line names the completed one;
 * fully parallel save at DP 2 writes each replicated tensor once, spread over both ranks (checked
   from the files), and the checkpoint loads at DP 1.
 
@@ -29,6 +31,8 @@ from support.checkpoints import index_of
 from support.identity import assert_identical
 from support.training import (
     BAM,
+    GOOD_ARGS,
+    GOOD_ITERS,
     MOCK,
     NO_DROPOUT,
     TINY,
@@ -220,6 +224,53 @@ def test_full_disk_during_a_background_write_is_one_line(tmp_path, capsys, monke
     assert "no space left on device while writing" in lines[0] and f"{iteration_dir(ckpt, 4)} is intact" in lines[0]
     assert f"saving {iteration_dir(ckpt, 6)} in the background" in out
     assert read_tracker(ckpt) == 4 and not _leftovers(ckpt)
+
+
+def test_a_nonfinite_model_is_not_handed_over(good, tmp_path, capsys, monkeypatch):
+    """Saving every iteration in the background, the weights spoiled at iteration 10 while the
+    write of 9 is held at a gate (released only after the loop's poll found it unfinished): the
+    next save waits for 9, then the finite check refuses 10 before anything is handed over, and
+    the one line names 9."""
+    import torch
+    from support.gated_save import _gate
+
+    from bam_megatron.checkpoint.checkpointer import Checkpointer
+    from bam_megatron.training import loop
+
+    ckpt, gate = str(tmp_path / "ckpt"), str(tmp_path / "gate")
+    shutil.copytree(good["root"], ckpt)
+    os.makedirs(gate)
+    step, poll, bad = loop.Trainer.optimizer_step, Checkpointer.poll, GOOD_ITERS + 2
+
+    def spoiled(self):
+        norm = step(self)
+        if self.state.iteration == bad:
+            weight = next(p for n, p in self.run.model[0].named_parameters() if n.endswith("output_layer.weight"))
+            with torch.no_grad():
+                weight.view(-1)[0] = float("inf")
+        return norm
+
+    def poll_then_release(self):
+        poll(self)
+        if self.inflight is not None and self.inflight.iteration == bad - 1:
+            open(os.path.join(gate, "release"), "w").close()  # unfinished at the poll, by construction
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+
+    monkeypatch.setattr(fsa, "_write_item", fsa._write_item)  # undone at the end of the test
+    _gate(gate, bad - 1, timeout=120)
+    monkeypatch.setattr(loop.Trainer, "optimizer_step", spoiled)
+    monkeypatch.setattr(Checkpointer, "poll", poll_then_release)
+    rc, out, err = run_main(GOOD_ARGS + ASYNC + ["--train-iters", str(GOOD_ITERS + 4), "--override-opt-param-scheduler",
+                                                 "--load", ckpt, "--save", ckpt, "--save-interval", "1"], capsys)
+    lines = error_lines(err)
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, err
+    last = iteration_dir(ckpt, bad - 1)
+    assert os.path.exists(os.path.join(gate, "started")) and f"saved {last} (" in out, _tail(out)
+    assert f"the model at iteration {bad} is not finite (its parameters are not finite)" in lines[0], lines[0]
+    assert f"the last good checkpoint is {last}" in lines[0], lines[0]
+    assert f"saving {iteration_dir(ckpt, bad)}" not in out
+    assert read_tracker(ckpt) == bad - 1 and iter_dirs(ckpt)[-1] == os.path.basename(last) and not _leftovers(ckpt)
 
 
 # ------------------------------------------------------------------------------------ fully parallel
