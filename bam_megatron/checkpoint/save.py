@@ -99,6 +99,36 @@ def _sharded_state(state, model, optimizer, scheduler, args_dict: dict) -> dict:
     return sharded
 
 
+def _own_bytes(t):
+    """A contiguous CPU view ``t`` as a tensor over exactly its own bytes, sharing the memory (a
+    storage made from ``t``'s bytes through numpy): ``torch.save`` writes a tensor's whole
+    storage, so megatron-core clones views before writing them; this one it writes as it is."""
+    import torch
+
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return t
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    raw = t.detach().reshape(-1).view(torch.uint8)
+    return torch.from_numpy(raw.numpy()).view(t.dtype).view(t.shape)
+
+
+def without_view_copies(sharded: dict) -> dict:
+    """``sharded`` with megatron-core's factories applied and every contiguous CPU view among its
+    tensors (e.g. the SwiGLU ``linear_fc1`` halves and their optimizer state: about half of a
+    SwiGLU model's state) replaced by ``_own_bytes``: no copy of them when the save starts, the
+    same bytes on disk. (A background save's forked helper sees the memory as it was at the
+    fork; on a GPU the host copy is made tensor by tensor anyway.)"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded)
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor) and value.data is not None:
+            value.data = _own_bytes(value.data)
+    return sharded
+
+
 def failure(exc: BaseException, tmp: str):
     """``(problem, bug)`` of a save that raised ``exc`` on this rank: a disk condition is a
     one-line problem and no bug; anything else is a problem line and the bug to re-raise."""
@@ -216,7 +246,7 @@ def begin(root: str, state, model, optimizer, scheduler, args_dict: dict):
     problem = first_problem(problem)
     if problem:
         raise CheckpointError(problem)
-    return final, tmp, _sharded_state(state, model, optimizer, scheduler, args_dict)
+    return final, tmp, without_view_copies(_sharded_state(state, model, optimizer, scheduler, args_dict))
 
 
 def finish(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int],
