@@ -2,6 +2,7 @@
 (``async_save.py``), at most one save in flight.
 
     saver = Checkpointer(args.save, SaveOptions(background=args.async_save, ...))
+    saver.prepare()  # the helpers' manager started before training, not in the first save
     saver.save(state, model, optimizer, scheduler, args_dict)   # returns once handed over
     saver.poll()     # every iteration: publish a save whose helpers are done
     saver.wait()     # before the next save, at the end, on a stop: the save in flight completes
@@ -57,6 +58,13 @@ class Checkpointer:
         self.inflight: Optional[BackgroundSave] = None
         self._strategy = None
         self._queue = None
+
+    def prepare(self) -> None:
+        """Start megatron-core's checkpoint helpers now (the results manager: seconds, once per
+        process; ``patches/megatron_save_workers.py``) rather than in the first save."""
+        from bam_megatron.patches import megatron_save_workers
+
+        megatron_save_workers.apply()
 
     def _save_strategy(self):
         if self._strategy is None:

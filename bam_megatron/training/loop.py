@@ -260,6 +260,8 @@ class Trainer:
         args = self.args
         for m in self.run.model:
             m.train()
+        if self.saver is not None:
+            self.saver.prepare()
         exits = ExitConditions(args)
         try:
             while self.state.iteration < args.train_iters:
