@@ -50,14 +50,11 @@ from bam_megatron.checkpoint import save as steps
 from bam_megatron.parallel.lifetime import helper_process_init, stop_signals_blocked
 
 
-def _write_in_helper(write: Callable, tmp: str, rank: int, parent: int, report_fd: int, checksums: bool,
-                     *args, **kwargs) -> None:
+def _write_in_helper(write: Callable, tmp: str, rank: int, report_fd: int, checksums: bool, *args, **kwargs) -> None:
     """The helper process: megatron-core's writer ``write(*args, **kwargs)``, then the checksums
     of this rank's files; a JSON report (a few hundred bytes: one entry per file, at most the
     strategy's thread count, far below a pipe's buffer) goes to ``report_fd``."""
     helper_process_init()
-    if os.getppid() != parent:  # the rank died before the death signal was asked for
-        os._exit(1)
     start = time.monotonic()
     write(*args, **kwargs)
     written = time.monotonic()
@@ -168,7 +165,7 @@ def hand_over(queue, root: str, state, model, optimizer, scheduler, args_dict: d
     write_fd = None
     if request.async_fn is not None:  # this rank writes files: its helper reports on a pipe
         save._report_fd, write_fd = os.pipe()
-        helper = partial(_write_in_helper, request.async_fn, tmp, dist.get_rank(), os.getpid(), write_fd, bool(checksums))
+        helper = partial(_write_in_helper, request.async_fn, tmp, dist.get_rank(), write_fd, bool(checksums))
         request = request._replace(async_fn=helper)
     else:
         save.report = {"files": {}, "write_s": 0.0, "checksum_s": 0.0}
