@@ -12,6 +12,7 @@ else a library says is shown; run with ``BAM_SHOW_LIBRARY_MESSAGES=1`` to see th
 | ``Please use DTensor instead`` | torch, megatron-core's sharded tensors | the same |
 | ``torch.distributed is disabled, unavailable or uninitialized`` | torch DCP ``save`` | the tools' single-process writers ask for ``no_dist`` explicitly; torch warns anyway |
 | ``Unable to save ... indexes because path_to_cache is None`` | megatron-core datasets | runs without ``--save`` / ``--data-cache-path`` build indexes in memory on purpose |
+| ``Local process N encountered an error`` | megatron-core's checkpoint writer | the save's own error says it in one line (a disk condition) or with its traceback |
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WARNINGS = (
 LOG_MESSAGES = {
     "megatron.core.datasets.gpt_dataset": "because path_to_cache is None",
     "megatron.core.datasets.blended_dataset": "because path_to_cache is None",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "encountered an error",
 }
 
 

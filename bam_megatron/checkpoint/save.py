@@ -4,16 +4,21 @@ Order of work (every rank takes part; rank 0 renames and writes the tracker):
 
 1. rank 0 makes ``iter_N.tmp`` (a leftover one is removed) and checks the free space against the
    previous checkpoint's size;
-2. ``dist_checkpointing.save`` writes into ``iter_N.tmp``; a failure on any rank (disk full,
+2. ``dist_checkpointing.save`` writes into ``iter_N.tmp`` (the strategy of ``strategies.py``
+   decides which rank writes which replicated tensor); a failure on any rank (disk full,
    read-only, quota) is one line for every rank, and ``iter_N.tmp`` is removed;
 3. each rank checksums the files it wrote, rank 0 the rest, and writes ``checksums.json``;
 4. rank 0 publishes: an existing ``iter_N`` (a re-save of the same iteration) is first renamed to
    ``iter_N.old-<random>``, then ``iter_N.tmp`` becomes ``iter_N``, then the tracker is replaced
-   (temporary file + rename), then the old copy and checkpoints beyond ``--keep-last-checkpoints``
-   are deleted.
+   (temporary file + rename), then the old copy, the leftovers of interrupted saves and
+   checkpoints beyond ``--keep-last-checkpoints`` are deleted.
 
-A kill between the two renames of step 4 leaves the tracker naming a missing ``iter_N`` next to
-two complete copies; the opener (``checkpoint/opener/locate.py``) finds and uses one of them.
+``save_checkpoint`` runs the four steps in turn; ``async_save.py`` runs step 2's writes and step
+3's checksums in a helper process and steps 3-4 when it is done (``--async-save``). A kill between
+the two renames of step 4 leaves the tracker naming a missing ``iter_N`` next to two complete
+copies; the opener (``checkpoint/opener/locate.py``) finds and uses one of them. A kill at any
+other moment leaves the tracker naming the previous complete checkpoint and at most an
+``iter_*.tmp`` folder, which the next publish removes.
 """
 
 from __future__ import annotations
@@ -94,7 +99,71 @@ def _sharded_state(state, model, optimizer, scheduler, args_dict: dict) -> dict:
     return sharded
 
 
-def _write(sharded: dict, tmp: str, root: str) -> None:
+def _own_bytes(t):
+    """A contiguous CPU view ``t`` as a tensor over exactly its own bytes, sharing the memory (a
+    storage made from ``t``'s bytes through numpy): ``torch.save`` writes a tensor's whole
+    storage, so megatron-core clones views before writing them; this one it writes as it is."""
+    import torch
+
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return t
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    raw = t.detach().reshape(-1).view(torch.uint8)
+    return torch.from_numpy(raw.numpy()).view(t.dtype).view(t.shape)
+
+
+def without_view_copies(sharded: dict) -> dict:
+    """``sharded`` with megatron-core's factories applied and every contiguous CPU view among its
+    tensors (e.g. the SwiGLU ``linear_fc1`` halves and their optimizer state: about half of a
+    SwiGLU model's state) replaced by ``_own_bytes``: no copy of them when the save starts, the
+    same bytes on disk. (A background save's forked helper sees the memory as it was at the
+    fork; on a GPU the host copy is made tensor by tensor anyway.)"""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded)
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor) and value.data is not None:
+            value.data = _own_bytes(value.data)
+    return sharded
+
+
+def failure(exc: BaseException, tmp: str):
+    """``(problem, bug)`` of a save that raised ``exc`` on this rank: a disk condition is a
+    one-line problem and no bug; anything else is a problem line and the bug to re-raise."""
+    what = disk_error(exc)
+    if what:
+        return f"{what} while writing {tmp}", None
+    return f"saving failed on rank {dist.get_rank()} ({one_line(exc)})", exc
+
+
+def settle(problem: Optional[str], bug: Optional[BaseException], tmp: str, root: str) -> None:
+    """Collective: when any rank has a problem, every rank stops with the same line (a disk
+    condition of any rank first: one line, no traceback; the rank with a bug keeps its traceback)
+    and ``tmp`` is removed.
+
+    Raises:
+        CheckpointError: the disk refused the checkpoint; the line names the intact previous one.
+    """
+    reports: List[Optional[tuple]] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, (problem, bug is None) if problem else None)
+    found = [r for r in reports if r]
+    if not found:
+        return
+    disk = [p for p, is_disk in found if is_disk]
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if bug is not None and not disk:
+        raise bug  # not a disk condition: keep its traceback
+    previous = _previous(root)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint was written"
+    error = CheckpointError(f"{(disk or [p for p, _ in found])[0]}; {kept}; free space or choose another --save")
+    error.same_on_every_rank = True
+    raise error
+
+
+def _write(sharded: dict, tmp: str, root: str, strategy=None) -> None:
     """``dist_checkpointing.save`` into ``tmp``; a disk failure on any rank -> one line on all."""
     from megatron.core import dist_checkpointing
 
@@ -103,40 +172,32 @@ def _write(sharded: dict, tmp: str, root: str) -> None:
     problem, bug = None, None
     try:
         with megatron_save_workers.saving():
-            dist_checkpointing.save(sharded, tmp)
+            dist_checkpointing.save(sharded, tmp, sharded_strategy=strategy)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch DCP's CheckpointException is a BaseException
-        what = disk_error(exc)
-        if what:
-            problem = f"{what} while writing {tmp}"
-        else:
-            bug, problem = exc, f"saving failed on rank {dist.get_rank()} ({one_line(exc)})"
-    problem = first_problem(problem)
-    if problem is None:
-        return
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if bug is not None:
-        raise bug  # not a disk condition: keep its traceback
-    previous = _previous(root)
-    kept = f"the previous checkpoint {previous} is intact" if previous else "no checkpoint was written"
-    raise CheckpointError(f"{problem}; {kept}; free space or choose another --save")
+        problem, bug = failure(exc, tmp)
+    settle(problem, bug, tmp, root)
 
 
-def _write_checksums(tmp: str) -> None:
-    """Every rank checksums the files it wrote (``__<rank>_*``), rank 0 also the rest; rank 0
-    writes the manifest."""
-    rank = dist.get_rank()
-    names = integrity.checkpoint_files(tmp)
-    mine = [n for n in names if n.startswith(f"__{rank}_")]
-    entries: Dict[str, Dict[str, int]] = integrity.checksum_files(tmp, mine)
+def own_files(tmp: str) -> List[str]:
+    """The files of ``tmp`` this rank wrote (``__<rank>_*``)."""
+    prefix = f"__{dist.get_rank()}_"
+    return [n for n in integrity.checkpoint_files(tmp) if n.startswith(prefix)]
+
+
+def write_checksums(tmp: str, mine: Optional[Dict[str, Dict[str, int]]] = None) -> None:
+    """Collective: every rank checksums the files it wrote (or passes ``mine``, computed
+    already), rank 0 also the rest; rank 0 writes the manifest."""
+    if mine is None:
+        mine = integrity.checksum_files(tmp, own_files(tmp))
     gathered: List[Optional[dict]] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, entries)
-    if rank == 0:
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() == 0:
         merged: Dict[str, Dict[str, int]] = {}
         for part in gathered:
             merged.update(part or {})
+        names = integrity.checkpoint_files(tmp)
         merged.update(integrity.checksum_files(tmp, [n for n in names if n not in merged]))
         integrity.write_manifest(tmp, merged)
 
@@ -172,12 +233,12 @@ def _remove_leftovers(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def save_checkpoint(root: str, state, model, optimizer, scheduler, args_dict: dict,
-                    keep_last: Optional[int] = None, checksums: bool = True) -> str:
-    """Write ``root/iter_<iteration>`` (see the module docstring); returns the directory.
+def begin(root: str, state, model, optimizer, scheduler, args_dict: dict):
+    """Collective steps before the write: ``(final, tmp, sharded state)`` with ``tmp`` made
+    fresh and the free space checked.
 
     Raises:
-        CheckpointError: the disk refused the checkpoint (every rank; nothing was published).
+        CheckpointError: ``--save`` cannot take the checkpoint (every rank; nothing written).
     """
     final = iteration_dir(root, state.iteration)
     tmp = final + ".tmp"
@@ -185,12 +246,30 @@ def save_checkpoint(root: str, state, model, optimizer, scheduler, args_dict: di
     problem = first_problem(problem)
     if problem:
         raise CheckpointError(problem)
-    _write(_sharded_state(state, model, optimizer, scheduler, args_dict), tmp, root)
+    return final, tmp, without_view_copies(_sharded_state(state, model, optimizer, scheduler, args_dict))
+
+
+def finish(root: str, tmp: str, final: str, iteration: int, keep_last: Optional[int],
+           checksums: Optional[bool], mine: Optional[dict] = None) -> None:
+    """Collective steps after the write: checksums (``mine``: this rank's, when computed
+    already), then rank 0 publishes."""
     if checksums:
-        _write_checksums(tmp)
+        write_checksums(tmp, mine)
     dist.barrier()
     if dist.get_rank() == 0:
-        _publish(root, tmp, final, state.iteration, keep_last)
+        _publish(root, tmp, final, iteration, keep_last)
     dist.barrier()
-    return final
 
+
+def save_checkpoint(root: str, state, model, optimizer, scheduler, args_dict: dict,
+                    keep_last: Optional[int] = None, checksums: bool = True, strategy=None) -> str:
+    """Write ``root/iter_<iteration>`` (see the module docstring); returns the directory.
+    ``strategy``: megatron-core's save strategy (``strategies.save_strategy``; None: its default).
+
+    Raises:
+        CheckpointError: the disk refused the checkpoint (every rank; nothing was published).
+    """
+    final, tmp, sharded = begin(root, state, model, optimizer, scheduler, args_dict)
+    _write(sharded, tmp, root, strategy)
+    finish(root, tmp, final, state.iteration, keep_last, checksums)
+    return final

@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from bam_megatron.checkpoint import optimizer as optimizer_state
 from bam_megatron.checkpoint.opener import Checkpoint, dcp_reads
 from bam_megatron.checkpoint.rng import has_rng_shards, parallel_layout, rng_sharded_object, set_rng_state
+from bam_megatron.checkpoint.strategies import load_strategy
 from bam_megatron.checkpoint.weights import (
     EXTRA_STATE,
     CheckpointError,
@@ -140,9 +141,11 @@ def _restore(loaded: dict, sharded: dict, unexpected, model, optimizer, report: 
 
 def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, *,
                     load_optim: bool = True, load_rng: bool = True,
-                    finetune: bool = False) -> Tuple[TrainState, LoadReport]:
+                    finetune: bool = False, fully_parallel: bool = False) -> Tuple[TrainState, LoadReport]:
     """Verify the tensor data of ``ckpt`` (opened by ``checkpoint/opener``), then load it into the
     model and, unless told otherwise or absent from the checkpoint, the optimizer and RNG.
+    ``fully_parallel``: each replicated tensor is read by one data-parallel rank and broadcast
+    (``strategies.load_strategy``, ``--ckpt-fully-parallel-load``).
     Returns the resumed state (iteration 0 with ``finetune``: weights only) and what was loaded.
     The scheduler's state is the training program's to restore (``training/schedule.py``), from
     ``ckpt.common``."""
@@ -154,8 +157,10 @@ def load_checkpoint(ckpt: Checkpoint, model: List[torch.nn.Module], optimizer, *
     sharded = _sharded_request(ckpt, model, optimizer, load_optim, load_rng, report)
     # megatron-core's names: "unexpected" = asked for but not in the checkpoint; "missing" = in
     # the checkpoint but asked for by no rank (e.g. optimizer state or RNG not loaded: fine)
+    strategy = load_strategy(ckpt.dir, fully_parallel)
     with dcp_reads(ckpt):
-        loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt.dir, strict=StrictHandling.RETURN_ALL)
+        loaded, _missing, unexpected = dist_checkpointing.load(sharded, ckpt.dir, sharded_strategy=strategy,
+                                                               strict=StrictHandling.RETURN_ALL)
     _check_nothing_missing(ckpt.dir, unexpected)
     _restore(loaded, sharded, unexpected, model, optimizer, report)
     upcycling = ckpt.provenance.upcycling

@@ -10,8 +10,9 @@ the rank acts on it (``training/exit_conditions.py``: save after this iteration,
 helper that died of it would take the save down with it. Hence:
 
 - ``helper_process_init()`` — first thing in every helper: ignore the stop signals and die with
-  the rank (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``); a helper ends when its rank tells it or
-  dies, never of a signal meant for the run;
+  the rank (Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; a helper whose rank died before that
+  call exits at once); a helper ends when its rank tells it or dies, never of a signal meant
+  for the run;
 - ``stop_signals_blocked()`` — around the start of a helper, so that it inherits the stop
   signals blocked and no signal can arrive before its initializer runs (a signal for the rank
   stays pending and is delivered when the block ends);
@@ -56,11 +57,23 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _orphaned() -> bool:
+    """Whether the process that started this ``multiprocessing`` child is gone already (this
+    process was re-parented)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent is not None and os.getppid() != parent.pid
+
+
 def helper_process_init(*_args) -> None:
-    """First call in a helper process: ignore the run's stop signals, die with the parent.
-    Accepts and ignores arguments so that it can serve as a ``worker_init_fn``."""
+    """First call in a helper process: ignore the run's stop signals, die with the parent — at
+    once when the parent died before the death signal was asked for (a ``multiprocessing``
+    child: its parent is known). Accepts and ignores arguments so that it can serve as a
+    ``worker_init_fn``."""
     ignore_stop_signals()
-    die_with_parent()
+    if die_with_parent() and _orphaned():
+        os._exit(1)
 
 
 @contextlib.contextmanager

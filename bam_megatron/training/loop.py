@@ -5,6 +5,12 @@ pipeline schedules of ``get_forward_backward_func`` (no pipelining or 1F1B), the
 (skipped steps on overflow), ``OptimizerParamScheduler`` (stepped in samples), torch_dist
 checkpoints (``checkpoint/train_state.py``) and the logs of ``metrics.py``.
 
+Checkpoints (``checkpoint/checkpointer.py``): periodic saves are written at once, or with
+``--async-save`` handed over to a background helper and published at a later iteration boundary;
+the next save, the end of the run, a stop and a stop for non-finite values wait for a save in
+flight first. A failure on one rank abandons it (``iter_N.tmp`` stays, the tracker names the
+previous checkpoint).
+
 Non-finite values: a step with a NaN/inf loss or gradient is skipped, up to
 ``--max-skipped-nan-iters`` times (with ``--check-for-nan-in-loss-and-grad``: none), then the run
 stops without saving; a model that is not finite is never saved (``finite.py``). Each stop names
@@ -42,6 +48,19 @@ def _everywhere(exc: TrainingError) -> TrainingError:
     return exc
 
 
+def _checkpointer(args):
+    """The run's ``Checkpointer`` (None without ``--save``)."""
+    from bam_megatron.checkpoint.checkpointer import Checkpointer, SaveOptions
+
+    if not args.save:
+        return None
+    return Checkpointer(args.save, SaveOptions(
+        background=args.async_save, fully_parallel=args.ckpt_fully_parallel_save,
+        constant_structure=args.ckpt_assume_constant_structure, keep_last=args.keep_last_checkpoints,
+        checksums=args.checkpoint_checksums,
+    ))
+
+
 def args_dict(args) -> dict:
     """The plain-valued arguments, as recorded in every checkpoint."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
@@ -71,6 +90,7 @@ class Trainer:
         self.window = _Window()
         self.nan_iters = 0
         self.last_saved: Optional[int] = None
+        self.saver = _checkpointer(run.args)
         self.saved_args = {**args_dict(run.args), **run.recorded_tokenizer}
         self.start_time, self.start_iteration = time.perf_counter(), run.state.iteration
 
@@ -108,6 +128,9 @@ class Trainer:
         self.nan_iters += 1
         self.state.skipped_iterations += 1
         what = f"loss is {loss}" if bad_loss else "gradient is not finite"
+        stopping = self.args.check_for_nan_in_loss_and_grad or self.nan_iters > self.args.max_skipped_nan_iters
+        if stopping and self.saver is not None:
+            self.saver.wait()  # the save in flight is the last good checkpoint the message names
         if self.args.check_for_nan_in_loss_and_grad:
             raise _everywhere(TrainingError(
                 f"iteration {self.state.iteration}: {what} (--check-for-nan-in-loss-and-grad); stopping "
@@ -175,35 +198,42 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- save
 
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
         """A checkpoint of the current iteration (once per iteration) — of a finite model only
-        (``finite.py``): a diverged one stops the run, naming the last good checkpoint."""
-        from bam_megatron.checkpoint.save import save_checkpoint
-
+        (``finite.py``): a diverged one stops the run, naming the last good checkpoint. A save
+        still in flight completes first; ``background``: this one is handed over
+        (``--async-save``, ``checkpoint/async_save.py``) and the loop goes on."""
         run, args = self.run, self.args
-        if args.save and self.last_saved != self.state.iteration:
-            problem = nonfinite_problem(run)
-            if problem:
-                raise _everywhere(TrainingError(
-                    f"the model at iteration {self.state.iteration} is not finite ({problem}): not saved, "
-                    f"stopping; the last good checkpoint is {last_good_checkpoint(args.save)}. Lower --lr "
-                    "or check the data"
-                ))
-            path = save_checkpoint(args.save, self.state, run.model, run.optimizer, run.scheduler,
-                                   self.saved_args, args.keep_last_checkpoints, checksums=args.checkpoint_checksums)
-            self.last_saved = self.state.iteration
-            print_rank_0(f"[checkpoint] saved {path}")
+        if not args.save or self.last_saved == self.state.iteration:
+            return
+        self.saver.wait()
+        problem = nonfinite_problem(run)
+        if problem:
+            raise _everywhere(TrainingError(
+                f"the model at iteration {self.state.iteration} is not finite ({problem}): not saved, "
+                f"stopping; the last good checkpoint is {last_good_checkpoint(args.save)}. Lower --lr "
+                "or check the data"
+            ))
+        self.saver.save(self.state, run.model, run.optimizer, run.scheduler, self.saved_args, background=background)
+        self.last_saved = self.state.iteration
+
+    def complete_saves(self) -> None:
+        """Collective: the save in flight, if any, completes (the end of the run, a stop)."""
+        if self.saver is not None:
+            self.saver.wait()
 
     def evaluate_and_save(self) -> None:
-        """Validation and checkpoints at their intervals (their time is kept out of the step
-        time)."""
+        """A background save whose helpers are done is published; validation and checkpoints at
+        their intervals (their time is kept out of the step time)."""
         args, it = self.args, self.state.iteration
+        if self.saver is not None:
+            self.saver.poll()
         paused = False
         if args.eval_interval and it % args.eval_interval == 0 and it < args.train_iters:
             run_validation(self.run, it)
             paused = True
         if args.save_interval and it % args.save_interval == 0:
-            self.save()
+            self.save(background=args.async_save)
             paused = True
         if paused:
             self.window.reset()
@@ -216,6 +246,7 @@ class Trainer:
         if reason is None:
             return False
         self.save()
+        self.complete_saves()
         where = f"checkpoint {self.args.save} at iteration {self.state.iteration}" if self.args.save else "no --save: nothing saved"
         print_rank_0(f"[exit] {reason}: stopping after iteration {self.state.iteration} ({where}); "
                      "the same command resumes")
@@ -229,6 +260,8 @@ class Trainer:
         args = self.args
         for m in self.run.model:
             m.train()
+        if self.saver is not None:
+            self.saver.prepare()
         exits = ExitConditions(args)
         try:
             while self.state.iteration < args.train_iters:
@@ -246,5 +279,10 @@ class Trainer:
                 if self.stop_early(exits):
                     return
             self.save()
+            self.complete_saves()
+        except BaseException:
+            if self.saver is not None:
+                self.saver.abort()  # this rank's failure: no collective wait (iter_N.tmp stays)
+            raise
         finally:
             exits.restore()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import List, Optional
 
 from bam_megatron.errors import BAMError, CheckpointError, reports_job_errors
@@ -88,13 +89,15 @@ def _load(run, start) -> None:
     args = run.args
     source = "the command line's"
     if start.checkpoint:
+        began = time.monotonic()
         run.state, report = load_checkpoint(
             start.checkpoint, run.model, run.optimizer,
             load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=start.finetune,
+            fully_parallel=args.ckpt_fully_parallel_load,
         )
         if not start.finetune:
             restore_schedule(run.scheduler, start.checkpoint.common, not args.no_load_optim, report)
-        print_rank_0(report.line(run.state))
+        print_rank_0(f"{report.line(run.state)} ({time.monotonic() - began:.2f} s)")
         source = report.schedule
     if not args.skip_train:
         print_rank_0(describe(run.scheduler, run.state.iteration, args.train_iters, args.global_batch_size, source))

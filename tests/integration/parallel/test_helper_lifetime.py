@@ -1,5 +1,6 @@
 """A helper process of a run (``bam_megatron/parallel/lifetime.py``) ignores every stop signal
-of the run and dies with its parent, even of kill -9."""
+of the run and dies with its parent, even of kill -9, also when the parent died before the helper
+asked for the death signal."""
 
 import os
 import signal
@@ -68,3 +69,38 @@ def test_a_helper_ignores_stop_signals_and_dies_with_its_parent():
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+# A parent that forks one helper and exits at once; the helper calls helper_process_init only
+# once its parent is gone (the race of a rank killed while it starts a helper).
+_ORPHAN_PARENT = """
+import multiprocessing as mp, os, time
+from bam_megatron.parallel.lifetime import helper_process_init
+
+def helper(parent):
+    deadline = time.monotonic() + 60
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    helper_process_init()
+    time.sleep(600)
+
+p = mp.get_context("fork").Process(target=helper, args=(os.getpid(),))
+p.start()
+print(p.pid, flush=True)
+os._exit(0)
+"""
+
+
+@linux_only
+def test_a_helper_whose_parent_died_before_it_started_exits():
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    with parent.stdout:  # (the helper holds the pipe too: read its pid, not to the end)
+        helper = int(parent.stdout.readline())
+    parent.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while not _gone(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _gone(helper):
+        os.kill(helper, signal.SIGKILL)
+        pytest.fail("a helper whose parent was already gone lived on")
