@@ -17,7 +17,8 @@ defaults), and reads what the programs print:
 each against writing and fsyncing the same number of bytes with plain file I/O (one writer per
 rank, started together: the disk's limit) and, for the load, reading the checkpoint's files.
 Every figure is the median over ``--repeats`` rounds (the saves after each run's first, which
-also starts the helper processes); the machine's load average is printed with them.
+also starts the helper processes; three plain writes per round, whose spread shows how steady
+the disk is); the machine's load average is printed with them.
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ def main(argv=None) -> int:
                 if sync["bytes"] < 2**30:
                     print(f"warning: the checkpoint has {sync['bytes'] / 2**30:.2f} GiB (< 1 GiB); raise --layers")
                 result = {**sync, **async_round(work, model, ranks), **load_round(sync, model, ranks)}
-                result["plain"] = [plain_write(work, sync["bytes"], ranks)]
+                # (3 writes: on a virtual disk the first write to fresh blocks can be several
+                # times slower than the next ones; every write counts towards the median)
+                result["plain"] = [plain_write(work, sync["bytes"], ranks) for _ in range(3)]
                 loads.append(os.getloadavg()[0])
                 rounds.append(result)
                 for name in os.listdir(work):
