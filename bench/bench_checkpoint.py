@@ -158,7 +158,13 @@ def load_round(sync: dict, model: list, ranks: int) -> dict:
     found = LOADED.search(log)
     assert found, log[-2000:]
     ckpt = os.path.join(sync["root"], "iter_0000006")
-    return {"load": [float(found.group(2))], "read": [plain_read(ckpt)], "verify": [verify_seconds(sync["root"])]}
+    out = {"load": [float(found.group(2))], "read": [plain_read(ckpt)], "verify": [verify_seconds(sync["root"])],
+           "load_each_reads": []}
+    if ranks > 1:  # the same load with every rank reading every replicated tensor itself
+        log = run(model + ["--train-iters", "7", "--load", sync["root"], "--override-opt-param-scheduler",
+                           "--no-ckpt-fully-parallel-load"], ranks)
+        out["load_each_reads"].append(float(LOADED.search(log).group(2)))
+    return out
 
 
 def _median(values) -> float:
@@ -189,6 +195,8 @@ def report(ranks: int, rounds: list) -> None:
     print(f"  load (resume)                    {_spread(get['load'])} = {rate(_median(get['load']))}; "
           f"{100 * _median(get['load']) / plain:.0f}% of the plain write time, reading the files "
           f"takes {_median(get['read']):.2f} s")
+    if get["load_each_reads"]:
+        print(f"  load, --no-ckpt-fully-parallel-load {_spread(get['load_each_reads'])}")
     print(f"  checksum verification (1 process) {_spread(get['verify'])}")
 
 
