@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Dict, Iterable, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional, TypeVar
 
 from bam_megatron.checkpoint.layout import CONFIG_FILE
 from bam_megatron.errors import CheckpointError, one_line
@@ -26,19 +27,34 @@ from bam_megatron.errors import CheckpointError, one_line
 MANIFEST = "checksums.json"
 ALGORITHM = "crc32"
 _BLOCK = 16 << 20
+_MAX_THREADS = 8
+_T = TypeVar("_T")
 
 
 def file_checksum(path: str) -> Dict[str, int]:
     """``{"size": bytes, "crc32": value}`` of one file."""
     crc, size = 0, 0
-    with open(path, "rb") as f:
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            block = f.read(_BLOCK)
-            if not block:
+            n = f.readinto(buffer)
+            if not n:
                 break
-            crc = zlib.crc32(block, crc)
-            size += len(block)
+            crc = zlib.crc32(view[:n], crc)
+            size += n
     return {"size": size, "crc32": crc}
+
+
+def _each_file(work: Callable[[str], _T], names: List[str]) -> List[_T]:
+    """``work(name)`` for every name, the files read at once by a few threads (reading and
+    ``zlib.crc32`` release the GIL: a checkpoint's few large files are checked in about 1/k of
+    the time on k cores); results in the order of ``names``."""
+    threads = min(len(names), os.cpu_count() or 1, _MAX_THREADS)
+    if threads <= 1:
+        return [work(n) for n in names]
+    with ThreadPoolExecutor(threads, thread_name_prefix="checksum") as pool:
+        return list(pool.map(work, names))
 
 
 def checkpoint_files(ckpt_dir: str) -> List[str]:
@@ -47,8 +63,9 @@ def checkpoint_files(ckpt_dir: str) -> List[str]:
 
 
 def checksum_files(ckpt_dir: str, names: Iterable[str]) -> Dict[str, Dict[str, int]]:
-    """Checksums of ``names`` (files of ``ckpt_dir``)."""
-    return {n: file_checksum(os.path.join(ckpt_dir, n)) for n in names}
+    """Checksums of ``names`` (files of ``ckpt_dir``), several files at once."""
+    names = list(names)
+    return dict(zip(names, _each_file(lambda n: file_checksum(os.path.join(ckpt_dir, n)), names)))
 
 
 def write_manifest(ckpt_dir: str, entries: Dict[str, Dict[str, int]]) -> None:
@@ -81,21 +98,22 @@ def read_manifest(ckpt_dir: str) -> Optional[Dict[str, Dict[str, int]]]:
 
 
 def verify_files(ckpt_dir: str, manifest: Dict[str, Dict[str, int]], names: Iterable[str]) -> List[str]:
-    """Problems (one line each) of the files ``names`` against ``manifest``; empty when whole."""
-    problems = []
-    for name in names:
+    """Problems (one line each) of the files ``names`` against ``manifest``; empty when whole
+    (several files checked at once)."""
+
+    def problem(name: str) -> Optional[str]:
         path = os.path.join(ckpt_dir, name)
         want = manifest[name]
         if not os.path.isfile(path):
-            problems.append(f"{path} is missing")
-            continue
+            return f"{path} is missing"
         size = os.path.getsize(path)
         if size != want["size"]:
-            problems.append(f"{path} has {size} bytes, {want['size']} were written (truncated or replaced)")
-            continue
+            return f"{path} has {size} bytes, {want['size']} were written (truncated or replaced)"
         if file_checksum(path)["crc32"] != want["crc32"]:
-            problems.append(f"{path} does not match its checksum (its bytes changed after it was written)")
-    return problems
+            return f"{path} does not match its checksum (its bytes changed after it was written)"
+        return None
+
+    return [p for p in _each_file(problem, list(names)) if p]
 
 
 def check_structure(ckpt_dir: str, metadata) -> None:
