@@ -35,6 +35,24 @@ def single_process():
     destroy_distributed()
 
 
+@pytest.fixture
+def distributed():
+    """``init_distributed(**kwargs)`` as a function, for tests that set megatron-core up with their
+    own arguments (or expect it to refuse them); torn down after the test when it was set up."""
+    from bam_megatron.parallel.distributed import destroy_distributed, init_distributed
+
+    started = []
+
+    def _init(**kwargs):
+        info = init_distributed(**kwargs)
+        started.append(info)
+        return info
+
+    yield _init
+    if started:
+        destroy_distributed()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_remote_code_cache():
     """transformers copies ``trust_remote_code`` files into a cache named after the model folder

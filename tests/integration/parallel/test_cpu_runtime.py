@@ -39,21 +39,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture
-def distributed():
-    """init_distributed() for one test; always torn down."""
-    started = []
-
-    def _init(**kwargs):
-        info = init_distributed(**kwargs)
-        started.append(info)
-        return info
-
-    yield _init
-    if started:
-        destroy_distributed()
-
-
 # ---------------------------------------------------------------------------
 # model helpers (module level so spawned workers can use them)
 

@@ -9,21 +9,6 @@ import torch.distributed as dist
 from bam_megatron.parallel.distributed import destroy_distributed, get_device, init_distributed
 
 
-@pytest.fixture
-def distributed():
-    """init_distributed() for one test; always torn down, the CPU runtime left."""
-    started = []
-
-    def _init(**kwargs):
-        info = init_distributed(**kwargs)
-        started.append(info)
-        return info
-
-    yield _init
-    if started:
-        destroy_distributed()
-
-
 def test_non_dividing_layout_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
